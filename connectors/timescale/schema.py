@@ -1,0 +1,159 @@
+"""Database schema of the PostgreSQL/TimescaleDB sink (DESIGN.md §3) and its idempotent creation.
+
+With the TimescaleDB extension: hypertables, compression and retention policies, and an hourly
+continuous aggregate. Without it: native range partitioning by month, with partitions created ahead of
+the data by the writer. The tables and the queries against them are the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger("plantstream.postgres")
+
+TABLES = {
+    "agg_1m": """
+        CREATE TABLE IF NOT EXISTS {schema}.agg_1m (
+            bucket      timestamptz      NOT NULL,
+            series      text             NOT NULL,
+            site        text             NOT NULL,
+            device      text             NOT NULL,
+            point       text             NOT NULL,
+            count       integer          NOT NULL,
+            good_count  integer          NOT NULL,
+            min         double precision,
+            max         double precision,
+            mean        double precision,
+            sum         double precision,
+            first       double precision,
+            last        double precision,
+            stddev      double precision,
+            unit        text,
+            window_end  timestamptz      NOT NULL,
+            written_at  timestamptz      NOT NULL DEFAULT now(),
+            PRIMARY KEY (series, bucket)
+        ){partition}""",
+    "readings": """
+        CREATE TABLE IF NOT EXISTS {schema}.readings (
+            time        timestamptz      NOT NULL,
+            series      text             NOT NULL,
+            value       double precision NOT NULL,
+            quality     text             NOT NULL,
+            site        text             NOT NULL,
+            device      text             NOT NULL,
+            point       text             NOT NULL,
+            unit        text,
+            status      jsonb,
+            PRIMARY KEY (series, time)
+        ){partition}""",
+}
+TIME_COLUMN = {"agg_1m": "bucket", "readings": "time"}
+
+OFFSETS = """
+    CREATE TABLE IF NOT EXISTS {schema}.sink_offsets (
+        consumer    text        NOT NULL,
+        topic       text        NOT NULL,
+        partition   integer     NOT NULL,
+        "offset"    bigint      NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer, topic, partition)
+    )"""
+
+
+def has_timescale(conn: psycopg.Connection) -> bool:
+    """Try to enable TimescaleDB; False where the extension is not installed."""
+    try:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        return True
+    except psycopg.Error as e:
+        log.info("TimescaleDB not available (%s); using native partitioning", e.diag.message_primary or e)
+        return False
+
+
+def _exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s)", (f"{schema}.{table}",)).fetchone()
+    return bool(row and row[0])
+
+
+def month_bounds(ts: datetime) -> tuple[datetime, datetime]:
+    start = datetime(ts.year, ts.month, 1, tzinfo=UTC)
+    end = datetime(ts.year + (ts.month == 12), ts.month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def partition_ddl(schema: str, table: str, month_start: datetime) -> sql.Composed:
+    start, end = month_bounds(month_start)
+    name = f"{table}_y{start.year:04d}m{start.month:02d}"
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} PARTITION OF {}.{} FOR VALUES FROM ({}) TO ({})").format(
+        sql.Identifier(schema), sql.Identifier(name), sql.Identifier(schema), sql.Identifier(table),
+        sql.Literal(start), sql.Literal(end))
+
+
+def is_partitioned(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
+    return bool(row and row[0] == "p")
+
+
+def create_schema(dsn: str, schema: str = "public", tables: tuple[str, ...] = ("agg_1m", "readings"),
+                  retention_days: int | None = None) -> dict[str, str]:
+    """Create what the sink needs; running it again changes nothing. Returns table -> storage kind."""
+    out: dict[str, str] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        ts = has_timescale(conn)
+        ident = sql.Identifier(schema)
+        for table in tables:
+            existed = _exists(conn, schema, table)
+            partition = "" if ts else f" PARTITION BY RANGE ({TIME_COLUMN[table]})"
+            conn.execute(sql.SQL(TABLES[table].format(schema="{schema}", partition=partition)).format(schema=ident))
+            if ts and not existed:
+                conn.execute("SELECT create_hypertable(%s, %s, chunk_time_interval => interval '1 day', "
+                             "if_not_exists => true)", (f"{schema}.{table}", TIME_COLUMN[table]))
+                conn.execute(sql.SQL("ALTER TABLE {}.{} SET (timescaledb.compress, "
+                                     "timescaledb.compress_segmentby = 'series')").format(
+                                         ident, sql.Identifier(table)))
+                conn.execute("SELECT add_compression_policy(%s, interval '7 days', if_not_exists => true)",
+                             (f"{schema}.{table}",))
+                if retention_days:
+                    conn.execute("SELECT add_retention_policy(%s, %s::interval, if_not_exists => true)",
+                                 (f"{schema}.{table}", f"{retention_days} days"))
+            if not ts:
+                now = datetime.now(UTC)
+                conn.execute(partition_ddl(schema, table, now))
+                conn.execute(partition_ddl(schema, table, month_bounds(now)[1]))
+            out[table] = "hypertable" if ts else "partitioned"
+        if ts and "agg_1m" in tables and not _exists(conn, schema, "agg_1h"):
+            conn.execute(sql.SQL(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {}.agg_1h WITH (timescaledb.continuous) AS "
+                "SELECT time_bucket('1 hour', bucket) AS bucket, series, sum(count) AS count, "
+                "sum(good_count) AS good_count, min(min) AS min, max(max) AS max, "
+                "sum(sum) / NULLIF(sum(good_count), 0) AS mean, sum(sum) AS sum "
+                "FROM {}.agg_1m GROUP BY 1, 2 WITH NO DATA").format(ident, ident))
+        conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
+    return out
+
+
+def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older_than: datetime) -> list[str]:
+    """Retention without TimescaleDB: drop whole monthly partitions that end before ``older_than``."""
+    dropped = []
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE n.nspname = %s AND p.relname = %s", (schema, table)).fetchall()
+    for (name,) in rows:
+        try:
+            y, m = int(name[-7:-3]), int(name[-2:])
+        except ValueError:
+            continue
+        _, end = month_bounds(datetime(y, m, 1, tzinfo=UTC))
+        if end <= older_than:
+            conn.execute(sql.SQL("DROP TABLE {}.{}").format(sql.Identifier(schema), sql.Identifier(name)))
+            dropped.append(name)
+    return dropped

@@ -1,0 +1,251 @@
+"""Batched, idempotent writes into PostgreSQL/TimescaleDB, with the source offsets in the same transaction.
+
+A batch is COPY'd into a temporary staging table and upserted with ``INSERT … ON CONFLICT DO UPDATE``;
+the Kafka offsets of the batch are upserted into ``sink_offsets`` in the same transaction, and records at
+or below a stored offset are skipped, so a replay neither duplicates nor rewrites rows. Errors are
+classified by SQLSTATE class (as Telegraf's PostgreSQL output does): temporary ones are retried in place
+with capped backoff; a permanent one makes the batch go row by row under savepoints, so only the records
+the database refuses are handed back (to the dead-letter topic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from connectors.common.backoff import delays
+from connectors.timescale.schema import is_partitioned, month_bounds, partition_ddl
+
+log = logging.getLogger("plantstream.postgres")
+
+TEMPORARY_CLASSES = ("08", "53", "57", "40")
+
+COLUMNS = {
+    "agg_1m": ("bucket", "series", "site", "device", "point", "count", "good_count", "min", "max", "mean",
+               "sum", "first", "last", "stddev", "unit", "window_end"),
+    "readings": ("time", "series", "value", "quality", "site", "device", "point", "unit", "status"),
+}
+KEYS = {"agg_1m": ("series", "bucket"), "readings": ("series", "time")}
+TIME_COLUMN = {"agg_1m": "bucket", "readings": "time"}
+STAGE_TYPES = {
+    "bucket": "timestamptz", "time": "timestamptz", "window_end": "timestamptz", "series": "text",
+    "site": "text", "device": "text", "point": "text", "unit": "text", "quality": "text", "status": "jsonb",
+    "count": "integer", "good_count": "integer", "value": "double precision",
+}
+
+
+def is_temporary(exc: BaseException) -> bool:
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not getattr(exc, "sqlstate", None):
+        return True  # connection-level trouble without a server answer
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in TEMPORARY_CLASSES
+
+
+@dataclass
+class Record:
+    """One row to write, with the Kafka position it came from."""
+
+    partition: int
+    offset: int
+    row: tuple[Any, ...]
+    source: Any = None  # what goes to the dead-letter topic if the database refuses the row
+
+
+@dataclass
+class WriteResult:
+    written: int = 0
+    skipped: int = 0
+    rejected: list[tuple[Record, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, UTC)
+
+
+class PostgresWriter:
+    def __init__(self, dsn: str, schema: str, consumer: str, *, max_backoff: float = 10.0,
+                 on_retry: Callable[[BaseException], None] | None = None) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.consumer = consumer
+        self.max_backoff = max_backoff
+        self.on_retry = on_retry
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._partitions_known: set[tuple[str, datetime]] = set()
+        self._partitioned: dict[str, bool] = {}
+        self._staged: set[str] = set()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=False)
+            self._staged.clear()
+        return self._conn
+
+    async def write(self, table: str, topic: str, records: Sequence[Record]) -> WriteResult:
+        """Write ``records`` (rows of ``table``) and their offsets; retries temporary errors forever."""
+        started = time.perf_counter()
+        backoff = delays(0.2, self.max_backoff)
+        while True:
+            try:
+                result = await self._write_once(table, topic, records)
+                result.seconds = time.perf_counter() - started
+                if result.written and log.isEnabledFor(logging.DEBUG):
+                    tcol = COLUMNS[table].index(TIME_COLUMN[table])
+                    times = [r.row[tcol] for r in records]
+                    log.debug("%s: wrote %d rows (%d skipped) event time %s..%s in %.3fs", table,
+                              result.written, result.skipped, min(times), max(times), result.seconds)
+                return result
+            except psycopg.Error as exc:
+                await self._discard()
+                if not is_temporary(exc):
+                    log.warning("%s: permanent error %s (%s); writing row by row", table,
+                                getattr(exc, "sqlstate", None), exc)
+                    result = await self._write_rows(table, topic, records)
+                    result.seconds = time.perf_counter() - started
+                    return result
+                delay = next(backoff)
+                log.warning("%s: temporary database error %s (%s); retrying in %.1fs", table,
+                            getattr(exc, "sqlstate", None), str(exc).strip(), delay)
+                if self.on_retry:
+                    self.on_retry(exc)
+                await asyncio.sleep(delay)
+
+    async def _discard(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            finally:
+                self._conn = None
+
+    async def _stored_offsets(self, cur: psycopg.AsyncCursor[Any], topic: str,
+                              partitions: set[int]) -> dict[int, int]:
+        await cur.execute(
+            sql.SQL('SELECT partition, "offset" FROM {}.sink_offsets WHERE consumer = %s AND topic = %s '
+                    "AND partition = ANY(%s) FOR UPDATE").format(sql.Identifier(self.schema)),
+            (self.consumer, topic, sorted(partitions)))
+        return {p: o for p, o in await cur.fetchall()}
+
+    async def _store_offsets(self, cur: psycopg.AsyncCursor[Any], topic: str, records: Sequence[Record]) -> None:
+        top: dict[int, int] = {}
+        for r in records:
+            if r.offset > top.get(r.partition, -1):
+                top[r.partition] = r.offset
+        await cur.executemany(
+            sql.SQL('INSERT INTO {}.sink_offsets (consumer, topic, partition, "offset") VALUES (%s, %s, %s, %s) '
+                    'ON CONFLICT (consumer, topic, partition) DO UPDATE SET "offset" = '
+                    'GREATEST(sink_offsets."offset", EXCLUDED."offset"), updated_at = now()').format(
+                        sql.Identifier(self.schema)),
+            [(self.consumer, topic, p, o) for p, o in top.items()])
+
+    async def _ensure_partitions(self, conn: psycopg.AsyncConnection[Any], table: str,
+                                 records: Sequence[Record]) -> None:
+        if table not in self._partitioned:
+            async with conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = %s AND c.relname = %s", (self.schema, table))
+                row = await cur.fetchone()
+            await conn.commit()
+            self._partitioned[table] = bool(row and row[0] == "p")
+        if not self._partitioned[table]:
+            return
+        tcol = COLUMNS[table].index(TIME_COLUMN[table])
+        months = {month_bounds(r.row[tcol])[0] for r in records}
+        missing = [m for m in months if (table, m) not in self._partitions_known]
+        for m in missing:
+            await conn.execute(partition_ddl(self.schema, table, m))
+            await conn.commit()
+            self._partitions_known.add((table, m))
+
+    async def _stage(self, conn: psycopg.AsyncConnection[Any], table: str) -> str:
+        name = f"stage_{table}"
+        if name not in self._staged:
+            cols = ", ".join(f"{c} {STAGE_TYPES.get(c, 'double precision')}" for c in COLUMNS[table])
+            await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}, ord bigint) "
+                               "ON COMMIT DELETE ROWS")
+            await conn.commit()
+            self._staged.add(name)
+        return name
+
+    def _upsert(self, table: str, source: str) -> sql.Composed:
+        cols = COLUMNS[table]
+        keys = KEYS[table]
+        updates = [c for c in cols if c not in keys]
+        col_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+        set_list = sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                                      for c in updates)
+        if table == "agg_1m":
+            set_list = sql.SQL("{}, written_at = now()").format(set_list)
+        return sql.SQL(
+            "INSERT INTO {schema}.{table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {source} "
+            "ORDER BY {keys}, ord DESC ON CONFLICT ({keys}) DO UPDATE SET {updates}").format(
+                schema=sql.Identifier(self.schema), table=sql.Identifier(table), cols=col_list,
+                keys=sql.SQL(", ").join(sql.Identifier(k) for k in keys), source=sql.Identifier(source),
+                updates=set_list)
+
+    async def _write_once(self, table: str, topic: str, records: Sequence[Record]) -> WriteResult:
+        conn = await self._connection()
+        await self._ensure_partitions(conn, table, records)
+        stage = await self._stage(conn, table)
+        result = WriteResult()
+        async with conn.transaction(), conn.cursor() as cur:
+            stored = await self._stored_offsets(cur, topic, {r.partition for r in records})
+            fresh = [r for r in records if r.offset > stored.get(r.partition, -1)]
+            result.skipped = len(records) - len(fresh)
+            if fresh:
+                cols = ", ".join(COLUMNS[table]) + ", ord"
+                async with cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
+                    for i, r in enumerate(fresh):
+                        await copy.write_row((*r.row, i))
+                await cur.execute(self._upsert(table, stage))
+                result.written = len(fresh)
+            await self._store_offsets(cur, topic, records)
+        return result
+
+    async def _write_rows(self, table: str, topic: str, records: Sequence[Record]) -> WriteResult:
+        """Row by row under savepoints, after a permanent error: keep what the database accepts."""
+        conn = await self._connection()
+        result = WriteResult()
+        cols = COLUMNS[table]
+        insert = sql.SQL("INSERT INTO {}.{} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+            sql.Identifier(self.schema), sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, cols)),
+            sql.SQL(", ").join(sql.Placeholder() * len(cols)),
+            sql.SQL(", ").join(map(sql.Identifier, KEYS[table])),
+            sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                               for c in cols if c not in KEYS[table]))
+        async with conn.transaction(), conn.cursor() as cur:
+            stored = await self._stored_offsets(cur, topic, {r.partition for r in records})
+            for r in records:
+                if r.offset <= stored.get(r.partition, -1):
+                    result.skipped += 1
+                    continue
+                try:
+                    async with conn.transaction():
+                        await cur.execute(insert, r.row)
+                    result.written += 1
+                except psycopg.Error as exc:
+                    if is_temporary(exc):
+                        raise
+                    result.rejected.append((r, f"database refused the row: {getattr(exc, 'sqlstate', '')} "
+                                               f"{str(exc).strip()}"))
+            await self._store_offsets(cur, topic, records)
+        return result
+
+
+def is_partitioned_sync(dsn: str, schema: str, table: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return is_partitioned(conn, schema, table)

@@ -1,0 +1,188 @@
+"""The Faust application: the aggregation agent and the sink agents of one topology.
+
+The agents only move data; the logic lives in :mod:`pipeline.aggregate` (pure) and the sink writers in
+``connectors/<database>/``. Any error that is not about the input (broker or state trouble) stops the
+worker at once without committing: the input is then read again from the last committed offset, which
+the idempotent state and writes absorb. Letting the exception reach Faust would ack the message and lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+import mode
+
+from pipeline import codec
+from pipeline.aggregate import Close, MinuteAggregator
+from pipeline.records import InvalidRecord, dead_letter, validate_batch
+from pipeline.topology import Topology
+
+log = logging.getLogger("plantstream.worker")
+
+HEARTBEAT_KEY = b"\x00heartbeat"
+
+
+def is_heartbeat(key: bytes | None) -> bool:
+    return key == HEARTBEAT_KEY
+
+
+def fatal(what: str, exc: BaseException) -> None:
+    """Stop the process without committing offsets (see the module docstring)."""
+    log.critical("%s: %r; stopping the worker without committing so the input is read again", what, exc,
+                 exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
+
+
+@dataclass
+class Counters:
+    messages: int = 0
+    readings: int = 0
+    rejected: int = 0
+    late: int = 0
+    closed: int = 0
+    skipped: int = 0
+    sink_rows: dict[str, int] = field(default_factory=dict)
+
+
+def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory://",
+              datadir: str | Path | None = None, with_sinks: bool = True,
+              heartbeat_interval: float | None = None) -> faust.App:
+    app_id = app_id or f"{topo.prefix}plantstream-{topo.name}"
+    datadir = Path(datadir) if datadir else Path(".local") / "worker" / app_id
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{topo.broker.bootstrap.replace(',', ';kafka://')}",
+        store=store,
+        datadir=str(datadir),
+        processing_guarantee="at_least_once",
+        # Aggregates are sent and awaited explicitly before their windows are deleted (see aggregate.py);
+        # other sends are flushed by Faust before each offset commit.
+        stream_publish_on_commit=False,
+        broker_commit_interval=1.0,
+        broker_commit_every=2000,
+        stream_buffer_maxsize=16384,
+        producer_linger=0.005,
+        producer_compression_type="lz4",
+        producer_max_batch_size=1_048_576,
+        producer_max_request_size=4_194_304,
+        consumer_auto_offset_reset="earliest",
+        consumer_max_fetch_size=8_388_608,
+        topic_partitions=topo.broker.partitions,
+        topic_replication_factor=topo.broker.replication,
+        table_standby_replicas=0,
+        agent_supervisor=mode.CrashingSupervisor,
+        web_enabled=False,
+    )
+    counters = Counters()
+    app.plantstream_counters = counters  # type: ignore[attr-defined]
+    partitions = topo.broker.partitions
+
+    raw = app.topic(topo.raw_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                    value_serializer="raw", partitions=partitions)
+    state = app.Table("agg-state", default=None, partitions=partitions, key_type=str,
+                      key_serializer="raw", value_serializer="json")
+    engine = MinuteAggregator(state, grace_ms=topo.aggregates.grace)  # type: ignore[arg-type]
+    app.plantstream_engine = engine  # type: ignore[attr-defined]
+    idle_ms = topo.aggregates.idle_timeout
+    hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
+    last_data_wall: dict[int, float] = {}
+    index_ready = False
+
+    @app.on_rebalance_complete.connect
+    async def _rebalanced(sender: Any, **kwargs: Any) -> None:
+        nonlocal index_ready
+        index_ready = False
+
+    async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
+        return await app.producer.send(topic, key.encode(), codec.dumps(value), None,
+                                       ts_ms / 1000.0 if ts_ms else None, None)
+
+    async def dlq(reason: str, payload: Any, source: str, partition: int, offset: int) -> None:
+        counters.rejected += 1
+        dl = dead_letter(source, reason, payload, topic=topo.raw_topic, partition=partition, offset=offset)
+        await send(topo.dlq_topic, source or "unknown", dl)
+
+    async def close_windows(partition: int, offset: int, closes: list[Close]) -> None:
+        if closes:
+            futs = [await send(topo.agg_topic, c.series, c.aggregate, c.aggregate["window_start"])
+                    for c in closes]
+            # Durable in Kafka before the windows leave the state: a crash in between re-sends them.
+            await asyncio.gather(*futs)
+            counters.closed += len(closes)
+        engine.finish(partition, offset, closes)
+
+    @app.agent(raw, name="aggregate")
+    async def aggregate(stream: faust.StreamT) -> None:
+        nonlocal index_ready
+        async for event in stream.events():
+            msg = event.message
+            p, o = msg.partition, msg.offset
+            try:
+                if not index_ready:
+                    engine.rebuild()
+                    index_ready = True
+                now = time.monotonic()
+                if is_heartbeat(msg.key):
+                    seen = last_data_wall.setdefault(p, now)
+                    idle = (now - seen) * 1000 >= idle_ms
+                    closes = engine.due(p, flush_all=idle)
+                    if closes or idle:
+                        await close_windows(p, o, closes)
+                    continue
+                last_data_wall[p] = now
+                counters.messages += 1
+                try:
+                    batch, bad = validate_batch(codec.loads(msg.value))
+                except codec.JSONDecodeError as e:
+                    await dlq(f"malformed: not JSON ({e})", msg.value, (msg.key or b"").decode(errors="replace"),
+                              p, o)
+                    continue
+                except InvalidRecord as e:
+                    await dlq(f"invalid: {e.reason}", msg.value, (msg.key or b"").decode(errors="replace"), p, o)
+                    continue
+                source = batch["source"] or f"{batch['site']}/{batch['device']}"
+                for r, reason in bad:
+                    await dlq(f"invalid: {reason}", {"site": batch["site"], "device": batch["device"],
+                                                     "reading": r}, source, p, o)
+                applied = engine.apply(p, o, batch)
+                if applied.skipped:
+                    counters.skipped += 1
+                    continue
+                counters.readings += applied.applied
+                for r, window_end in applied.late:
+                    counters.late += 1
+                    await dlq(f"late: window ending {window_end} already closed (watermark "
+                              f"{engine.watermark(p)})",
+                              {"site": batch["site"], "device": batch["device"], "reading": r}, source, p, o)
+                if topo.aggregates.latest:
+                    for rd in applied.latest:
+                        await send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
+                await close_windows(p, o, engine.due(p))
+            except Exception as exc:  # noqa: BLE001 - anything here is infrastructure, not input
+                fatal(f"aggregate agent failed on {msg.topic}[{p}]@{o}", exc)
+
+    @app.timer(interval=hb_interval)
+    async def heartbeat() -> None:
+        # One heartbeat per assigned input partition lets a quiet partition close its windows.
+        try:
+            tps = [tp for tp in app.assignment.assigned_actives() if tp.topic == topo.raw_topic]
+            body = codec.dumps({"heartbeat": int(time.time() * 1000)})
+            for tp in tps:
+                await app.producer.send(topo.raw_topic, HEARTBEAT_KEY, body, tp.partition, None, None)
+        except Exception as exc:  # noqa: BLE001 - a missed heartbeat only delays idle flushing
+            log.warning("heartbeat not sent: %r", exc)
+
+    if with_sinks:
+        from pipeline.sinks import attach_sinks
+
+        attach_sinks(app, topo, counters, fatal)
+    return app

@@ -1,0 +1,300 @@
+"""The ``plantstream`` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.topology import TopologyError, Topology, load
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Stream processing for operational-technology telemetry.")
+services_app = typer.Typer(no_args_is_help=True, help="Local Kafka, PostgreSQL, Mosquitto and InfluxDB under .local/.")
+app.add_typer(services_app, name="services")
+console = Console(stderr=True)
+out = Console()
+
+TopologyArg = Annotated[Path, typer.Argument(help="topology YAML file", exists=False)]
+
+
+def _load(path: Path) -> Topology:
+    try:
+        return load(path)
+    except TopologyError as e:
+        console.print(f"[bold red]{e.source}[/]: {len(e.problems)} problem(s)")
+        for p in e.problems:
+            console.print(f"  [red]✗[/] {p}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- services ----------------------------------------------------------------------------------------
+@services_app.command("up")
+def services_up(names: Annotated[list[str] | None, typer.Argument(help="services (default: all)")] = None,
+                timeout: float = 120.0) -> None:
+    """Install what is missing and start the local services; waits until each answers."""
+    from pipeline import services
+
+    try:
+        result = services.up(names or services.SERVICE_NAMES, timeout=timeout,
+                             progress=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+    except services.ServiceError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    t = Table(title="local services")
+    t.add_column("service")
+    t.add_column("endpoint")
+    for k, v in result.items():
+        t.add_row(k, v)
+    out.print(t)
+
+
+@services_app.command("down")
+def services_down(names: Annotated[list[str] | None, typer.Argument()] = None) -> None:
+    """Stop the services that `services up` started."""
+    from pipeline import services
+
+    services.down(names or services.SERVICE_NAMES)
+    console.print("stopped")
+
+
+@services_app.command("status")
+def services_status() -> None:
+    """Show each local service: running, healthy, endpoint, log file."""
+    from pipeline import services
+
+    t = Table(title="local services")
+    for col in ("service", "running", "healthy", "pid", "endpoint", "log"):
+        t.add_column(col)
+    for s in services.status():
+        t.add_row(s.name, "yes" if s.running else "no", "[green]yes[/]" if s.healthy else "[red]no[/]",
+                  str(s.pid or ""), s.endpoint, str(s.log_file))
+    out.print(t)
+
+
+# -- topology ----------------------------------------------------------------------------------------
+@app.command()
+def validate(topology: TopologyArg) -> None:
+    """Check a topology file; every problem is reported with its path."""
+    topo = _load(topology)
+    out.print(f"[green]✓[/] {topology}: topology [bold]{topo.name}[/] is valid "
+              f"({len(topo.sources)} source(s), {len(topo.sinks)} sink(s))")
+
+
+@app.command()
+def deploy(topology: TopologyArg) -> None:
+    """Create the topology's topics and database schema (idempotent)."""
+    from pipeline.deploy import deploy as do_deploy
+
+    topo = _load(topology)
+    try:
+        do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+    except Exception as e:  # noqa: BLE001 - the user sees the cause, not a traceback
+        console.print(f"[bold red]deploy failed:[/] {e}")
+        raise typer.Exit(1) from None
+    out.print(f"[green]✓[/] deployed {topo.name}")
+
+
+@app.command()
+def worker(topology: TopologyArg,
+           store: Annotated[str, typer.Option(help="table store: memory:// or rocksdb://")] = "memory://",
+           app_id: Annotated[str | None, typer.Option(help="Faust application id (consumer group)")] = None,
+           loglevel: str = "warning") -> None:
+    """Run the stream agents: aggregates, latest values, sinks."""
+    from faust.worker import Worker
+
+    from pipeline.app import build_app
+
+    topo = _load(topology)
+    faust_app = build_app(topo, app_id=app_id, store=store)
+    Worker(faust_app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def connect(topology: TopologyArg,
+            source: Annotated[list[str] | None, typer.Option("--source", help="source id (default: all)")] = None,
+            loglevel: str = "info") -> None:
+    """Run the source connectors: field protocols into telemetry.raw."""
+    from connectors.common.producer import TelemetryProducer
+    from connectors.mqtt.source import MqttSourceRunner
+
+    _logging(loglevel)
+    topo = _load(topology)
+    chosen = [topo.source(s) for s in source] if source else list(topo.sources)
+    if not chosen:
+        console.print("[yellow]the topology has no sources[/]")
+        raise typer.Exit(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threads = []
+    runners = []
+    for cfg in chosen:
+        prod = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic, client_id=f"plantstream-{cfg.id}")
+        runner = MqttSourceRunner(cfg, prod)
+        runners.append(runner)
+        th = threading.Thread(target=runner.run, args=(stop,), name=f"source-{cfg.id}", daemon=True)
+        th.start()
+        threads.append(th)
+    last = time.monotonic()
+    while not stop.wait(1.0):
+        if time.monotonic() - last >= 10:
+            last = time.monotonic()
+            for r in runners:
+                s = r.stats
+                logging.getLogger("plantstream.mqtt").info(
+                    "source %s: %d messages, %d readings in %d batches, %d dead letters, %d acked, %d reconnects",
+                    r.cfg.id, s.received, s.readings, s.batches, s.dead_letters, s.acked, s.reconnects)
+    for th in threads:
+        th.join(60)
+
+
+@app.command()
+def simulate(topology: TopologyArg, duration: Annotated[float | None, typer.Option(help="seconds")] = None) -> None:
+    """Publish simulated devices to the topology's MQTT source."""
+    from connectors.sim.mqtt_publisher import run_simulation
+
+    topo = _load(topology)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    last = [time.monotonic()]
+
+    def tick(n: int) -> None:
+        if time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            console.print(f"[dim]simulator: {n} messages published[/]")
+
+    try:
+        n = run_simulation(topo, stop, duration, on_tick=tick)
+    except (ValueError, OSError) as e:
+        console.print(f"[bold red]simulate failed:[/] {e}")
+        raise typer.Exit(1) from None
+    console.print(f"simulator: {n} messages published")
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@app.command()
+def run(topology: TopologyArg) -> None:
+    """Connectors and worker together; Ctrl-C stops both."""
+    _load(topology)
+    logs = Path(".local") / "run"
+    procs = [_spawn(["connect", str(topology)], logs / "connect.log"),
+             _spawn(["worker", str(topology)], logs / "worker.log")]
+    console.print(f"connectors and worker running; logs in {logs}/ — Ctrl-C to stop")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        console.print("[red]a process exited; stopping the rest[/]")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_all(procs)
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def demo(topology: TopologyArg = Path("topologies/demo.yaml"),
+         minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None) -> None:
+    """Services up, deploy, then simulator + connector + worker with a live table of 1-minute aggregates."""
+    from confluent_kafka import Consumer
+
+    from pipeline import codec, services
+    from pipeline.deploy import deploy as do_deploy
+
+    try:
+        env = services.up(progress=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+    except services.ServiceError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    del env
+    topo = _load(topology)
+    do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+    logs = Path(".local") / "demo"
+    procs = [_spawn(["simulate", str(topology)], logs / "simulate.log"),
+             _spawn(["connect", str(topology)], logs / "connect.log"),
+             _spawn(["worker", str(topology)], logs / "worker.log")]
+    dsn = topo.sinks[0].dsn if topo.sinks else ""
+    console.print(f"simulator, connector and worker started (logs in {logs}/). Aggregates appear once the first "
+                  f"minute closes. In PostgreSQL:\n  psql '{dsn}' -c 'SELECT bucket, series, count, mean, min, max "
+                  f"FROM agg_1m ORDER BY bucket DESC, series LIMIT 20'\nCtrl-C stops everything.")
+    consumer = Consumer({"bootstrap.servers": topo.broker.bootstrap, "group.id": f"plantstream-demo-{os.getpid()}",
+                         "auto.offset.reset": "latest", "enable.auto.commit": False})
+    consumer.subscribe([topo.agg_topic])
+    latest: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+
+    def render() -> Table:
+        t = Table(title=f"plantstream demo — latest 1-minute aggregates ({len(latest)} series)",
+                  caption=f"running {int(time.monotonic() - started)} s · Ctrl-C to stop")
+        for col in ("minute (UTC)", "series", "count", "mean", "min", "max", "last", "stddev", "unit"):
+            t.add_column(col, justify="right" if col in ("count", "mean", "min", "max", "last", "stddev") else "left")
+        for s in sorted(latest)[:40]:
+            a = latest[s]
+            t.add_row(datetime.fromtimestamp(a["window_start"] / 1000, UTC).strftime("%H:%M"), s, str(a["count"]),
+                      _fmt(a["mean"]), _fmt(a["min"]), _fmt(a["max"]), _fmt(a["last"]), _fmt(a["stddev"]),
+                      a.get("unit") or "")
+        return t
+
+    try:
+        with Live(render(), console=out, refresh_per_second=2) as live:
+            while minutes is None or time.monotonic() - started < minutes * 60:
+                msg = consumer.poll(0.5)
+                if msg is not None and msg.error() is None:
+                    a = codec.loads(msg.value())
+                    latest[a["series"]] = a
+                live.update(render())
+                if any(p.poll() is not None for p in procs):
+                    console.print("[red]a demo process exited; see its log in .local/demo/[/]")
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+        _stop_all(procs)
+        console.print("demo stopped")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

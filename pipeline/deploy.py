@@ -1,0 +1,68 @@
+"""``plantstream deploy``: the topology's topics and database schema, idempotently."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+
+from connectors.timescale.schema import create_schema
+from pipeline.topology import Topology
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(topo: Topology) -> list[TopicSpec]:
+    n = topo.broker.partitions
+    return [
+        TopicSpec(topo.raw_topic, n, {"retention.ms": str(topo.broker.raw_retention),
+                                      "compression.type": "producer"}),
+        TopicSpec(topo.dlq_topic, 1, {"retention.ms": str(30 * DAY_MS)}),
+        TopicSpec(topo.agg_topic, n, {"retention.ms": str(30 * DAY_MS)}),
+        TopicSpec(topo.latest_topic, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+                                         "segment.ms": str(3_600_000)}),
+    ]
+
+
+def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[str, str]:
+    """Create missing topics, grow partition counts that are too small; never shrink or delete."""
+    admin = AdminClient({"bootstrap.servers": topo.broker.bootstrap})
+    existing = admin.list_topics(timeout=15).topics
+    outcome: dict[str, str] = {}
+    new = []
+    for spec in topic_specs(topo):
+        if spec.name not in existing:
+            new.append(NewTopic(spec.name, num_partitions=spec.partitions,
+                                replication_factor=topo.broker.replication, config=spec.config))
+            continue
+        have = len(existing[spec.name].partitions)
+        if have < spec.partitions:
+            admin.create_partitions([NewPartitions(spec.name, spec.partitions)])[spec.name].result(15)
+            outcome[spec.name] = f"grown from {have} to {spec.partitions} partitions"
+        else:
+            outcome[spec.name] = "exists"
+    for name, fut in admin.create_topics(new, operation_timeout=15).items() if new else []:
+        fut.result(30)
+        outcome[name] = "created"
+    for name, what in outcome.items():
+        say(f"topic {name}: {what}")
+    return outcome
+
+
+def deploy(topo: Topology, say: Callable[[str], None] = print) -> dict[str, str]:
+    out = {f"topic {k}": v for k, v in ensure_topics(topo, say).items()}
+    for sink in topo.sinks:
+        tables = create_schema(sink.dsn, sink.schema_name, tuple(sorted(set(sink.topics))),
+                               retention_days=(sink.retention // DAY_MS) if sink.retention else None)
+        for table, kind in tables.items():
+            say(f"sink {sink.id}: table {sink.schema_name}.{table} ready ({kind})")
+            out[f"table {sink.schema_name}.{table}"] = kind
+    return out
