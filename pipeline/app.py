@@ -57,7 +57,8 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
               datadir: str | Path | None = None, with_sinks: bool = True,
               heartbeat_interval: float | None = None) -> faust.App:
     app_id = app_id or f"{topo.prefix}plantstream-{topo.name}"
-    datadir = Path(datadir) if datadir else Path(".local") / "worker" / app_id
+    datadir = Path(datadir) if datadir else Path(".local").resolve() / "worker" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         broker=f"kafka://{topo.broker.bootstrap.replace(',', ';kafka://')}",
@@ -82,14 +83,15 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
         agent_supervisor=mode.CrashingSupervisor,
         web_enabled=False,
     )
+    # Table writes queue in the producer's buffer (default 100 messages, then every write waits).
+    app.producer.buffer.max_messages = 20_000
     counters = Counters()
     app.plantstream_counters = counters  # type: ignore[attr-defined]
     partitions = topo.broker.partitions
 
     raw = app.topic(topo.raw_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                     value_serializer="raw", partitions=partitions)
-    state = app.Table("agg-state", default=None, partitions=partitions, key_type=str,
-                      key_serializer="raw", value_serializer="json")
+    state = app.Table("agg-state", default=None, partitions=partitions, key_type=str)
     engine = MinuteAggregator(state, grace_ms=topo.aggregates.grace)  # type: ignore[arg-type]
     app.plantstream_engine = engine  # type: ignore[attr-defined]
     idle_ms = topo.aggregates.idle_timeout
@@ -174,7 +176,7 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
     async def heartbeat() -> None:
         # One heartbeat per assigned input partition lets a quiet partition close its windows.
         try:
-            tps = [tp for tp in app.assignment.assigned_actives() if tp.topic == topo.raw_topic]
+            tps = [tp for tp in app.consumer.assignment() if tp.topic == topo.raw_topic]
             body = codec.dumps({"heartbeat": int(time.time() * 1000)})
             for tp in tps:
                 await app.producer.send(topo.raw_topic, HEARTBEAT_KEY, body, tp.partition, None, None)

@@ -133,7 +133,7 @@ def connect(topology: TopologyArg,
             loglevel: str = "info") -> None:
     """Run the source connectors: field protocols into telemetry.raw."""
     from connectors.common.producer import TelemetryProducer
-    from connectors.mqtt.source import MqttSourceRunner
+    from connectors.registry import runner_for
 
     _logging(loglevel)
     topo = _load(topology)
@@ -148,7 +148,7 @@ def connect(topology: TopologyArg,
     runners = []
     for cfg in chosen:
         prod = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic, client_id=f"plantstream-{cfg.id}")
-        runner = MqttSourceRunner(cfg, prod)
+        runner = runner_for(cfg.type)(cfg, prod)
         runners.append(runner)
         th = threading.Thread(target=runner.run, args=(stop,), name=f"source-{cfg.id}", daemon=True)
         th.start()
@@ -158,10 +158,7 @@ def connect(topology: TopologyArg,
         if time.monotonic() - last >= 10:
             last = time.monotonic()
             for r in runners:
-                s = r.stats
-                logging.getLogger("plantstream.mqtt").info(
-                    "source %s: %d messages, %d readings in %d batches, %d dead letters, %d acked, %d reconnects",
-                    r.cfg.id, s.received, s.readings, s.batches, s.dead_letters, s.acked, s.reconnects)
+                logging.getLogger("plantstream.connect").info("source %s: %s", r.cfg.id, r.stats)
     for th in threads:
         th.join(60)
 

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real local services, and a fresh namespace (topics, schema, group) per test."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def services_env() -> dict[str, str]:
+    """Start (or reuse) the local Kafka, PostgreSQL and Mosquitto; returns their connection variables."""
+    from pipeline import services
+
+    services.up(("kafka", "postgres", "mosquitto"), progress=lambda m: None)
+    env = services.connection_env()
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture
+def namespace(services_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Unique names so tests never see each other's topics, rows or consumer groups."""
+    tag = uuid.uuid4().hex[:8]
+    ns = {"tag": tag, "prefix": f"t{tag}.", "schema": f"t_{tag}", "mqtt_root": f"t{tag}", **services_env}
+    yield ns
+    import psycopg
+
+    with psycopg.connect(services_env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{ns["schema"]}" CASCADE')
