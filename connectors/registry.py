@@ -11,6 +11,7 @@ from typing import Any
 
 RUNNERS: dict[str, str] = {
     "mqtt": "connectors.mqtt.source:MqttSourceRunner",
+    "opcua": "connectors.opcua.source:OpcUaSourceRunner",
 }
 
 

@@ -132,11 +132,16 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
                 if not index_ready:
                     engine.rebuild()
                     index_ready = True
+                    log.info("state index rebuilt: %d open window(s) on partitions %s", engine.open_windows(),
+                             sorted(engine.parts))
                 now = time.monotonic()
                 if is_heartbeat(msg.key):
                     seen = last_data_wall.setdefault(p, now)
                     idle = (now - seen) * 1000 >= idle_ms
                     closes = engine.due(p, flush_all=idle)
+                    if idle and (closes or engine.open_windows(p)):
+                        log.info("partition %d quiet for %.0f s: closing its %d open window(s)", p, now - seen,
+                                 len(closes))
                     if closes or idle:
                         await close_windows(p, o, closes)
                     continue

@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from connectors.opcua.config import OpcUaSource
 
 TEMPLATE_FIELDS = ("site", "device", "point")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -43,7 +54,13 @@ def parse_duration_ms(v: Any) -> int:
     raise ValueError("expected a duration such as 500ms, 10s, 1m or a number of seconds")
 
 
-DurationMs = Annotated[int, BeforeValidator(parse_duration_ms)]
+DurationMs = Annotated[
+    int,
+    BeforeValidator(parse_duration_ms),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+                              {"type": "number", "minimum": 0}],
+                    "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds"}),
+]
 
 
 class _Model(BaseModel):
@@ -124,7 +141,9 @@ class MqttSource(_Model):
         return v
 
 
-Source = Annotated[MqttSource, Field(discriminator="type")]
+Source = Annotated[MqttSource | OpcUaSource, Field(discriminator="type")]
+# Source configs other than MQTT, by type: their own models, in their connector's folder.
+SOURCE_MODELS: dict[str, type[BaseModel]] = {"opcua": OpcUaSource}
 
 
 class Aggregates(_Model):
@@ -228,7 +247,15 @@ class Topology(_Model):
     def latest_topic(self) -> str:
         return self.topic("telemetry.latest")
 
-    def source(self, source_id: str) -> MqttSource:
+    @property
+    def commands_topic(self) -> str:
+        return self.topic("commands.bacnet")
+
+    @property
+    def results_topic(self) -> str:
+        return self.topic("commands.results")
+
+    def source(self, source_id: str) -> Any:  # one of the Source union's models
         for s in self.sources:
             if s.id == source_id:
                 return s
@@ -292,7 +319,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("mqtt", "postgres") and out.endswith("]"):
+        elif part in ("mqtt", "postgres", *SOURCE_MODELS) and out.endswith("]"):
             continue  # the discriminator tag pydantic adds to the path; the index already names the item
         else:
             out += f".{part}" if out else str(part)
@@ -326,6 +353,9 @@ def _fields_by_path(data: Any) -> dict[str, list[str]]:
         out[k] = _names(m)
     if isinstance(data, dict):
         for i, s in enumerate(data.get("sources") or []):
+            if isinstance(s, dict) and s.get("type") in SOURCE_MODELS:
+                _nested_names(SOURCE_MODELS[s["type"]], s, f"sources[{i}]", out)
+                continue
             out[f"sources[{i}]"] = _names(MqttSource)
             out[f"sources[{i}].batch"] = _names(BatchSettings)
             if isinstance(s, dict):
@@ -338,6 +368,36 @@ def _fields_by_path(data: Any) -> dict[str, list[str]]:
 
 def _names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model in an annotation such as ``Security``, ``Deadband | None`` or ``list[NodeMapping]``."""
+    if (isinstance(annotation, type) and not hasattr(annotation, "__origin__")
+            and issubclass(annotation, BaseModel)):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _nested_names(model: type[BaseModel], data: Any, path: str, out: dict[str, list[str]]) -> None:
+    """Allowed keys of ``model`` at ``path`` and of the models nested in it, following the data."""
+    out[path] = _names(model)
+    if not isinstance(data, dict):
+        return
+    for name, f in model.model_fields.items():
+        key = f.alias or name
+        sub = _model_in(f.annotation)
+        value = data.get(key)
+        if sub is None or value is None:
+            continue
+        if isinstance(value, list):
+            for j, item in enumerate(value):
+                _nested_names(sub, item, f"{path}.{key}[{j}]", out)
+        else:
+            _nested_names(sub, value, f"{path}.{key}", out)
 
 
 def validate_data(data: Any, source: str = "<topology>") -> Topology:
@@ -384,8 +444,21 @@ def load(path: str | Path, env: dict[str, str] | None = None) -> Topology:
     return validate_data(data, str(p))
 
 
+def _duration_defaults(node: Any) -> None:
+    """Durations are milliseconds inside but a bare number in YAML means seconds: show defaults as text."""
+    if isinstance(node, dict):
+        if isinstance(node.get("default"), int) and "(ms|s|m|h)" in str(node.get("anyOf", "")):
+            node["default"] = f"{node['default']}ms"
+        for v in node.values():
+            _duration_defaults(v)
+    elif isinstance(node, list):
+        for v in node:
+            _duration_defaults(v)
+
+
 def json_schema() -> dict[str, Any]:
     schema = Topology.model_json_schema(by_alias=True)
+    _duration_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "plantstream topology v1"
     return schema
@@ -396,3 +469,10 @@ def iter_problems(path: str | Path) -> Iterator[str]:
         load(path)
     except TopologyError as e:
         yield from e.problems
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")

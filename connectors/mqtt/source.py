@@ -86,6 +86,7 @@ class MqttSourceRunner:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     # -- paho callbacks (network thread) -------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
@@ -94,9 +95,16 @@ class MqttSourceRunner:
             return
         # Subscribing again on every connect is harmless with a persistent session and needed without one.
         client.subscribe([(f, self.cfg.qos) for f, _ in self.routes])
+        log.info("source %s: connected to %s:%d (session present: %s)", self.cfg.id, self._host, self._port,
+                 getattr(_flags, "session_present", "?"))
+
+    def _on_subscribe(self, _c: mqtt.Client, _ud: Any, _mid: int, reasons: Any, _props: Any) -> None:
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            log.error("source %s: subscription refused: %s", self.cfg.id, refused)
+            return
         self._connected.set()
-        log.info("source %s: connected to %s:%d, subscribed to %s", self.cfg.id, self._host, self._port,
-                 ", ".join(f for f, _ in self.routes))
+        log.info("source %s: subscribed to %s", self.cfg.id, ", ".join(f for f, _ in self.routes))
 
     def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()

@@ -33,6 +33,11 @@ pytestmark = pytest.mark.e2e
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time, unrelated to the wall clock
 GRACE_MS = 10_000
 MINUTES = 4
+# Event time runs 10x faster than the wall clock while publishing. The connector batches up to 200 ms of
+# wall time per device, i.e. 2 s of event time here; with the 5 s shuffle below, readings reach the worker
+# at most 7 s behind the newest on their partition, inside the 10 s grace, as live devices would.
+SPEED = 10.0
+SHUFFLE_MS = 5_000
 
 
 def topology(ns: dict[str, str]) -> dict[str, Any]:
@@ -56,50 +61,57 @@ def topology(ns: dict[str, str]) -> dict[str, Any]:
 
 
 def make_traffic(ns: dict[str, str], seed: int = 7):
-    """Returns (messages in publish order, on-time readings, late readings, malformed count)."""
+    """Returns (messages in publish order, on-time readings, late readings, malformed payloads).
+
+    All devices report concurrently, as a plant does: the per-partition watermark (DESIGN.md §4) judges a
+    device by the newest event time of every device on its partition, so devices replaying different
+    hours one after the other would rightly be late.
+    """
     rng = random.Random(seed)
     root = ns["mqtt_root"]
-    messages: list[tuple[str, bytes]] = []
     on_time: list[tuple[str, int, float, str]] = []
     late: list[tuple[str, int, float]] = []
     span = MINUTES * 60_000
+    events: list[tuple[int, str, bytes, list[tuple[str, int, float, str]]]] = []
     # Point-per-topic devices: 2 devices x 2 points, ~2,200 readings per series.
     for dev in ("pump1", "pump2"):
-        events = []
         for point, base in (("pressure", 4.0), ("flow", 120.0)):
             ts = T0
-            while ts < T0 + span:
+            while True:
                 ts += rng.randint(60, 160)
+                if ts >= T0 + span:
+                    break
                 value = base + rng.gauss(0, base * 0.05)
                 quality = "bad" if rng.random() < 0.03 else "good"
-                events.append((ts, point, value, quality))
-        events.sort()
-        # Shuffle within the grace: each reading is published after others up to 8 s newer, never more.
-        order = sorted(events, key=lambda e: e[0] + rng.uniform(0, 8_000))
-        max_ts = 0
-        for ts, point, value, quality in order:
-            body: dict[str, Any] = {"value": value, "ts": ts}
-            if quality != "good":
-                body["quality"] = quality
-            messages.append((f"{root}/site1/{dev}/{point}", codec.dumps(body)))
-            on_time.append((f"site1/{dev}/{point}", ts, value, quality))
-            max_ts = max(max_ts, ts)
-            # Now and then a reading 80-170 s behind the newest one: its minute has surely closed.
-            if max_ts - T0 > 150_000 and rng.random() < 0.008:
-                lts = max_ts - rng.randint(80_000, 170_000)
-                messages.append((f"{root}/site1/{dev}/{point}", codec.dumps({"value": 999.0, "ts": lts})))
-                late.append((f"site1/{dev}/{point}", lts, 999.0))
-    # A JSON-object device whose topic carries no point: two points per message (epoch seconds as ts).
+                body: dict[str, Any] = {"value": value, "ts": ts}
+                if quality != "good":
+                    body["quality"] = quality
+                events.append((ts, f"{root}/site1/{dev}/{point}", codec.dumps(body),
+                               [(f"site1/{dev}/{point}", ts, value, quality)]))
+    # A JSON-object device whose topic carries no point: two points per message, ts in epoch seconds.
     ts = T0
-    obj_msgs = []
-    while ts < T0 + span:
+    while True:
         ts += rng.randint(200, 300)
+        if ts >= T0 + span:
+            break
         a, b = 20 + rng.gauss(0, 1), 50 + rng.gauss(0, 5)
-        obj_msgs.append((f"{root}-obj/hp1/data", codec.dumps({"ts": ts / 1000.0, "temp": {"supply": a},
-                                                                "power": b})))
-        on_time.append(("plant/hp1/temp.supply", ts, a, "good"))
-        on_time.append(("plant/hp1/power", ts, b, "good"))
-    messages.extend(obj_msgs)
+        events.append((ts, f"{root}-obj/hp1/data",
+                       codec.dumps({"ts": ts / 1000.0, "temp": {"supply": a}, "power": b}),
+                       [("plant/hp1/temp.supply", ts, a, "good"), ("plant/hp1/power", ts, b, "good")]))
+    # Shuffle within the grace: a reading is published after others up to 8 s newer, never more.
+    order = sorted(events, key=lambda e: e[0] + rng.uniform(0, SHUFFLE_MS))
+    messages: list[tuple[str, bytes, int | None]] = []
+    newest: dict[str, int] = {}
+    for ts, topic, payload, readings in order:
+        messages.append((topic, payload, ts))
+        on_time.extend(readings)
+        series = readings[0][0]
+        newest[series] = max(newest.get(series, 0), ts)
+        # Now and then a reading 80-170 s behind its series' newest: its minute has surely closed.
+        if "/pump" in topic and newest[series] - T0 > 180_000 and rng.random() < 0.01:
+            lts = newest[series] - rng.randint(80_000, 170_000)
+            messages.append((topic, codec.dumps({"value": 999.0, "ts": lts}), None))
+            late.append((series, lts, 999.0))
     malformed = [
         (f"{root}/site1/pump9/x", b"not a number"),
         (f"{root}/site1/pump9/x", b"NaN"),
@@ -127,17 +139,26 @@ def make_traffic(ns: dict[str, str], seed: int = 7):
     ]
     # Spread the malformed payloads through the stream.
     for i, m in enumerate(malformed):
-        messages.insert((i + 1) * len(messages) // (len(malformed) + 2), m)
+        messages.insert((i + 1) * len(messages) // (len(malformed) + 2), (*m, None))
     return messages, on_time, late, malformed
 
 
-def publish(url: str, messages: list[tuple[str, bytes]], client_id: str) -> None:
+def publish(url: str, messages: list[tuple[str, bytes, int | None]], client_id: str) -> None:
+    """Publish at SPEED x event time: a message goes out when the wall clock reaches its event time."""
     host, port = url.removeprefix("mqtt://").split(":")
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
     client.max_inflight_messages_set(500)
     client.connect(host, int(port))
     client.loop_start()
-    infos = [client.publish(t, p, qos=1) for t, p in messages]
+    infos = []
+    first_ts = next(ts for _, _, ts in messages if ts is not None)
+    start = time.monotonic()
+    for topic, payload, ts in messages:
+        if ts is not None:
+            delay = start + (ts - first_ts) / 1000.0 / SPEED - time.monotonic()
+            if delay > 0.005:
+                time.sleep(delay)
+        infos.append(client.publish(topic, payload, qos=1))
     for info in infos:
         info.wait_for_publish(60)
     client.loop_stop()
@@ -194,10 +215,14 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
     assert late, "the traffic must include late readings"
 
     connector = spawn(["connect", str(topo_file)], tmp_path / "connect.log")
-    worker = spawn(["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}"], tmp_path / "worker1.log")
+    worker = spawn(["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
+                   tmp_path / "worker1.log")
     dsn = ns["PLANTSTREAM_PG_DSN"]
     procs = [connector, worker]
     try:
+        # Publish only once the connector's subscription is in place (its persistent session then keeps
+        # every later message for it, even across reconnects).
+        wait_for(lambda: "subscribed to" in (tmp_path / "connect.log").read_text(), 60, "the connector to subscribe")
         half = len(messages) // 2
         publish(ns["PLANTSTREAM_MQTT_URL"], messages[:half], f"pub1-{ns['tag']}")
         # Mid-run: some minutes are in the table, others are still open. Stop the worker gracefully.
@@ -206,16 +231,23 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         assert worker.wait(90) is not None
         before_restart = len(agg_rows(dsn, ns["schema"]))
         publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
-        worker = spawn(["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}"], tmp_path / "worker2.log")
+        worker = spawn(["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
+                       tmp_path / "worker2.log")
         procs.append(worker)
 
         expected = expected_aggregates(on_time)
         assert before_restart < len(expected)
 
-        def complete() -> bool:
-            return len(agg_rows(dsn, ns["schema"])) >= len(expected)
+        def complete() -> int | None:
+            n = len(agg_rows(dsn, ns["schema"]))
+            return n if n >= len(expected) else None
 
-        wait_for(complete, 240, f"{len(expected)} rows in agg_1m")
+        try:
+            wait_for(complete, 180, f"{len(expected)} rows in agg_1m")
+        except AssertionError:
+            have = agg_rows(dsn, ns["schema"])
+            raise AssertionError(f"{len(have)} of {len(expected)} rows; missing "
+                                 f"{sorted(set(expected) - set(have))[:10]}") from None
         time.sleep(0)  # rows are final once present; any extra row would show below
         actual = agg_rows(dsn, ns["schema"])
         problems = compare(actual, expected)
@@ -229,7 +261,7 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         assert all(x["reason"] for x in dlq)
         malformed_seen = [x for x in dlq if not x["reason"].startswith("late")]
         # Each malformed payload is in the DLQ with its MQTT topic (duplicates allowed: at-least-once).
-        sent = {(t, p) for t, p in malformed}
+        sent = set(malformed)
         got = set()
         for x in malformed_seen:
             payload = x["payload"].encode() if x.get("payload_encoding", "text") == "text" else __import__(

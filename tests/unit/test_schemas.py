@@ -1,0 +1,72 @@
+"""The JSON Schemas in schemas/ and the records the code produces must agree."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from pipeline.aggregate import MinuteAggregator
+from pipeline.records import InvalidRecord, dead_letter, validate_batch
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+T0 = 1_767_225_600_000
+
+
+def schema(name):
+    return json.loads((SCHEMAS / name).read_text())
+
+
+def test_schemas_are_valid_json_schema():
+    for f in SCHEMAS.glob("*.json"):
+        jsonschema.Draft202012Validator.check_schema(json.loads(f.read_text()))
+
+
+def sample_batch():
+    return {"v": 1, "source": "s", "site": "a", "device": "b",
+            "readings": [{"point": "p", "ts": T0, "value": 1.5, "quality": "good", "unit": "kW"},
+                         {"point": "q.r", "ts": T0 + 1, "value": 0.0, "quality": "bad", "status": {"code": 1}}]}
+
+
+def test_reading_batch_and_reading():
+    batch, bad = validate_batch(sample_batch())
+    assert bad == []
+    jsonschema.validate(batch, schema("reading-batch.json"))
+    single, _ = validate_batch({"site": "a", "device": "b", "point": "p", "ts": T0, "value": True, "quality": "good"})
+    r = {"site": "a", "device": "b", **single["readings"][0]}
+    assert r["value"] == 1.0
+    jsonschema.validate(r, schema("reading.json"))
+
+
+def test_aggregate_and_latest():
+    agg = MinuteAggregator({}, grace_ms=0)
+    batch, _ = validate_batch(sample_batch())
+    applied = agg.apply(0, 0, batch)
+    for latest in applied.latest:
+        jsonschema.validate(latest, schema("reading.json"))
+    closes = agg.due(0, flush_all=True)
+    assert len(closes) == 2
+    for c in closes:
+        jsonschema.validate(c.aggregate, schema("aggregate.json"))
+
+
+def test_dead_letter_text_and_binary():
+    jsonschema.validate(dead_letter("src", "malformed: x", b"abc", topic="t"), schema("dead-letter.json"))
+    dl = dead_letter("src", "malformed: x", b"\xff\x00", topic="t")
+    assert dl["payload_encoding"] == "base64"
+    jsonschema.validate(dl, schema("dead-letter.json"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1", None, [1], {"a": 1}])
+def test_non_finite_or_non_numeric_values_are_rejected(value):
+    b = sample_batch()
+    b["readings"][0]["value"] = value
+    batch, bad = validate_batch(b)
+    assert len(batch["readings"]) == 1 and len(bad) == 1 and bad[0][1]
+
+
+def test_bad_envelope_raises():
+    with pytest.raises(InvalidRecord):
+        validate_batch({"site": "a/b", "device": "x", "readings": []})
+    with pytest.raises(InvalidRecord):
+        validate_batch([1, 2])
