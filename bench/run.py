@@ -16,6 +16,7 @@ to ``bench/results/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,15 +49,31 @@ T0 = 1_767_225_600_000
 
 def topology(tag: str, env: dict[str, str], partitions: int) -> dict[str, Any]:
     return {
-        "name": f"bench{tag}", "prefix": f"b{tag}.",
+        "name": f"bench{tag}",
+        "prefix": f"b{tag}.",
         "broker": {"bootstrap": env["PLANTSTREAM_KAFKA"], "partitions": partitions},
-        "sources": [{"id": "bench-mqtt", "type": "mqtt", "url": env["PLANTSTREAM_MQTT_URL"],
-                     "client_id": f"bench-{tag}",
-                     "topics": [{"filter": f"b{tag}/+/+/data", "template": f"b{tag}/{{site}}/{{device}}/data"}],
-                     "batch": {"max_readings": 2000, "max_delay": "100ms"}}],
+        "sources": [
+            {
+                "id": "bench-mqtt",
+                "type": "mqtt",
+                "url": env["PLANTSTREAM_MQTT_URL"],
+                "client_id": f"bench-{tag}",
+                "topics": [{"filter": f"b{tag}/+/+/data", "template": f"b{tag}/{{site}}/{{device}}/data"}],
+                "batch": {"max_readings": 2000, "max_delay": "100ms"},
+            }
+        ],
         "aggregates": {"grace": "10s", "idle_timeout": "2s"},
-        "sinks": [{"id": "pg", "type": "postgres", "dsn": env["PLANTSTREAM_PG_DSN"], "schema": f"b_{tag}",
-                   "topics": ["agg_1m"], "batch_size": 5000, "batch_delay": "200ms"}],
+        "sinks": [
+            {
+                "id": "pg",
+                "type": "postgres",
+                "dsn": env["PLANTSTREAM_PG_DSN"],
+                "schema": f"b_{tag}",
+                "topics": ["agg_1m"],
+                "batch_size": 5000,
+                "batch_delay": "200ms",
+            }
+        ],
     }
 
 
@@ -73,8 +90,12 @@ def workload(series: int, readings: int, points_per_device: int, seed: int = 1):
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, env=dict(os.environ))
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -97,7 +118,9 @@ def rows_total(dsn: str, schema: str) -> int:
     return int(row[0]) if row else 0
 
 
-def wait_rows(dsn: str, schema: str, expected: int, timeout: float, procs: list[subprocess.Popen[bytes]]) -> float:
+def wait_rows(
+    dsn: str, schema: str, expected: int, timeout: float, procs: list[subprocess.Popen[bytes]]
+) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if rows_total(dsn, schema) >= expected:
@@ -140,29 +163,46 @@ def cleanup(env: dict[str, str], topo: dict[str, Any]) -> None:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": env["PLANTSTREAM_KAFKA"]})
-    names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(topo["prefix"]) or
-             t.startswith(f"bench-{topo['name']}")]
+    names = [
+        t
+        for t in admin.list_topics(timeout=10).topics
+        if t.startswith(topo["prefix"]) or t.startswith(f"bench-{topo['name']}")
+    ]
     if names:
         for fut in admin.delete_topics(names).values():
-            try:
+            with contextlib.suppress(Exception):
                 fut.result(30)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
 
 
 def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:6]
     f, topo = prepare(tag, env, args.partitions, logs)
-    p = Producer({"bootstrap.servers": env["PLANTSTREAM_KAFKA"], "linger.ms": 20, "compression.type": "lz4",
-                  "batch.size": 1_048_576, "queue.buffering.max.messages": 500_000})
+    p = Producer(
+        {
+            "bootstrap.servers": env["PLANTSTREAM_KAFKA"],
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            "batch.size": 1_048_576,
+            "queue.buffering.max.messages": 500_000,
+        }
+    )
     n = 0
     for site, device, ts, values in workload(args.series, args.readings, args.points):
-        batch = {"v": 1, "source": "bench", "site": site, "device": device,
-                 "readings": [{"point": k, "ts": ts, "value": v, "quality": "good"} for k, v in values.items()]}
+        batch = {
+            "v": 1,
+            "source": "bench",
+            "site": site,
+            "device": device,
+            "readings": [{"point": k, "ts": ts, "value": v, "quality": "good"} for k, v in values.items()],
+        }
         while True:
             try:
-                p.produce(topo["prefix"] + "telemetry.raw", codec.dumps(batch), f"{site}/{device}".encode(),
-                          timestamp=ts)
+                p.produce(
+                    topo["prefix"] + "telemetry.raw",
+                    codec.dumps(batch),
+                    f"{site}/{device}".encode(),
+                    timestamp=ts,
+                )
                 break
             except BufferError:
                 p.poll(0.05)
@@ -178,15 +218,23 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         stop([worker])
         cleanup(env, topo)
     secs = done - start
-    return {"scenario": "kafka", "readings": n, "seconds": secs, "readings_per_s": n / secs,
-            "worker_cpu_s_per_million": cpu / n * 1e6, "worker_peak_rss_mb": rss}
+    return {
+        "scenario": "kafka",
+        "readings": n,
+        "seconds": secs,
+        "readings_per_s": n / secs,
+        "worker_cpu_s_per_million": cpu / n * 1e6,
+        "worker_peak_rss_mb": rss,
+    }
 
 
 def run_mqtt(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:6]
     f, topo = prepare(tag, env, args.partitions, logs)
-    procs = [spawn(["connect", str(f)], logs / f"connect-{tag}.log"),
-             spawn(["worker", str(f), "--app-id", f"bench-{topo['name']}"], logs / f"worker-mqtt-{tag}.log")]
+    procs = [
+        spawn(["connect", str(f)], logs / f"connect-{tag}.log"),
+        spawn(["worker", str(f), "--app-id", f"bench-{topo['name']}"], logs / f"worker-mqtt-{tag}.log"),
+    ]
     try:
         deadline = time.monotonic() + 60
         while "subscribed to" not in (logs / f"connect-{tag}.log").read_text():
@@ -219,9 +267,15 @@ def run_mqtt(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict[
         stop(procs)
         cleanup(env, topo)
     secs = done - start
-    return {"scenario": "mqtt", "readings": n, "mqtt_messages": messages, "seconds": secs,
-            "readings_per_s": n / secs, "mqtt_messages_per_s_published": messages / (published - start),
-            "worker_cpu_s_per_million": cpu / n * 1e6}
+    return {
+        "scenario": "mqtt",
+        "readings": n,
+        "mqtt_messages": messages,
+        "seconds": secs,
+        "readings_per_s": n / secs,
+        "mqtt_messages_per_s_published": messages / (published - start),
+        "worker_cpu_s_per_million": cpu / n * 1e6,
+    }
 
 
 def main() -> None:
@@ -243,8 +297,10 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for scenario in args.scenarios.split(","):
         for rep in range(args.reps):
-            console.print(f"[dim]… {scenario} run {rep + 1}/{args.reps}: {args.readings:,} readings, "
-                          f"{args.series:,} series[/]")
+            console.print(
+                f"[dim]… {scenario} run {rep + 1}/{args.reps}: {args.readings:,} readings, "
+                f"{args.series:,} series[/]"
+            )
             r = runners[scenario](args, env, logs)
             r["rep"] = rep + 1
             console.print(f"  {r['readings_per_s']:,.0f} readings/s ({r['seconds']:.1f} s)")
@@ -258,12 +314,26 @@ def main() -> None:
         med = statistics.median(r["readings_per_s"] for r in rs)
         cpu = statistics.median(r["worker_cpu_s_per_million"] for r in rs)
         summary[scenario] = {"median_readings_per_s": med, "median_worker_cpu_s_per_million": cpu}
-        table.add_row(scenario, str(len(rs)), f"{med:,.0f}", f"{min(r['readings_per_s'] for r in rs):,.0f}",
-                      f"{max(r['readings_per_s'] for r in rs):,.0f}", f"{cpu:,.1f}")
+        table.add_row(
+            scenario,
+            str(len(rs)),
+            f"{med:,.0f}",
+            f"{min(r['readings_per_s'] for r in rs):,.0f}",
+            f"{max(r['readings_per_s'] for r in rs):,.0f}",
+            f"{cpu:,.1f}",
+        )
     console.print(table)
-    out = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-           "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "params": vars(args), "runs": runs, "summary": summary}
+    out = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "params": vars(args),
+        "runs": runs,
+        "summary": summary,
+    }
     path = RESULTS / f"{datetime.now(UTC):%Y-%m-%dT%H%M%S}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     console.print(f"results written to {path.relative_to(ROOT)}")

@@ -12,6 +12,7 @@ from typing import Any
 RUNNERS: dict[str, str] = {
     "mqtt": "connectors.mqtt.source:MqttSourceRunner",
     "opcua": "connectors.opcua.source:OpcUaSourceRunner",
+    "bacnet": "connectors.bacnet.source:BacnetSourceRunner",
 }
 
 

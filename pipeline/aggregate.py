@@ -78,8 +78,9 @@ def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
         st[LAST] = value
 
 
-def window_result(series: str, window_start: int, st: list[Any], unit: str | None,
-                  window_ms: int = WINDOW_MS) -> Aggregate:
+def window_result(
+    series: str, window_start: int, st: list[Any], unit: str | None, window_ms: int = WINDOW_MS
+) -> Aggregate:
     site, device, point = series.split("/", 2)
     n = st[GOOD]
     agg: Aggregate = {
@@ -131,8 +132,9 @@ class Close:
 
 
 class MinuteAggregator:
-    def __init__(self, store: MutableMapping[str, Any], grace_ms: int = 10_000,
-                 window_ms: int = WINDOW_MS) -> None:
+    def __init__(
+        self, store: MutableMapping[str, Any], grace_ms: int = 10_000, window_ms: int = WINDOW_MS
+    ) -> None:
         if grace_ms < 0:
             raise ValueError("grace_ms must be >= 0")
         self.store = store
@@ -151,7 +153,7 @@ class MinuteAggregator:
             if not isinstance(rec, dict):
                 continue
             if key.startswith(WM_PREFIX):
-                p = int(key[len(WM_PREFIX):])
+                p = int(key[len(WM_PREFIX) :])
                 if wanted is not None and p not in wanted:
                     continue
                 ps = self._part(p)
@@ -225,8 +227,14 @@ class MinuteAggregator:
                     rec["u"] = r["unit"]
             if newest is not None and (rec["lt"] is None or newest["ts"] >= rec["lt"]):
                 rec["lt"] = newest["ts"]
-                latest: Reading = {"site": site, "device": device, "point": point, "ts": newest["ts"],
-                                   "value": newest["value"], "quality": newest["quality"]}
+                latest: Reading = {
+                    "site": site,
+                    "device": device,
+                    "point": point,
+                    "ts": newest["ts"],
+                    "value": newest["value"],
+                    "quality": newest["quality"],
+                }
                 if rec["u"]:
                     latest["unit"] = rec["u"]
                 if "status" in newest:
@@ -257,7 +265,7 @@ class MinuteAggregator:
             for series in sorted(ps.open[we]):
                 rec = self.store.get(series)
                 st = None if rec is None else rec["w"].get(k)
-                if st is None:
+                if rec is None or st is None:
                     continue
                 closes.append(Close(series, ws, window_result(series, ws, st, rec["u"], self.window_ms)))
         if flush_all and ends:
@@ -274,7 +282,7 @@ class MinuteAggregator:
         touched: dict[str, dict[str, Any]] = {}
         for c in closes:
             rec = touched.get(c.series) or self.store.get(c.series)
-            if rec is None:
+            if not rec:
                 continue
             rec["w"].pop(str(c.window_start), None)
             touched[c.series] = rec

@@ -36,8 +36,9 @@ def is_heartbeat(key: bytes | None) -> bool:
 
 def fatal(what: str, exc: BaseException) -> None:
     """Stop the process without committing offsets (see the module docstring)."""
-    log.critical("%s: %r; stopping the worker without committing so the input is read again", what, exc,
-                 exc_info=exc)
+    log.critical(
+        "%s: %r; stopping the worker without committing so the input is read again", what, exc, exc_info=exc
+    )
     logging.shutdown()
     os._exit(70)
 
@@ -53,9 +54,15 @@ class Counters:
     sink_rows: dict[str, int] = field(default_factory=dict)
 
 
-def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory://",
-              datadir: str | Path | None = None, with_sinks: bool = True,
-              heartbeat_interval: float | None = None) -> faust.App:
+def build_app(
+    topo: Topology,
+    *,
+    app_id: str | None = None,
+    store: str = "memory://",
+    datadir: str | Path | None = None,
+    with_sinks: bool = True,
+    heartbeat_interval: float | None = None,
+) -> faust.App:
     app_id = app_id or f"{topo.prefix}plantstream-{topo.name}"
     datadir = Path(datadir) if datadir else Path(".local").resolve() / "worker" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -89,24 +96,31 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
     app.plantstream_counters = counters  # type: ignore[attr-defined]
     partitions = topo.broker.partitions
 
-    raw = app.topic(topo.raw_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                    value_serializer="raw", partitions=partitions)
+    raw = app.topic(
+        topo.raw_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
     state = app.Table("agg-state", default=None, partitions=partitions, key_type=str)
-    engine = MinuteAggregator(state, grace_ms=topo.aggregates.grace)  # type: ignore[arg-type]
+    engine = MinuteAggregator(state, grace_ms=topo.aggregates.grace)
     app.plantstream_engine = engine  # type: ignore[attr-defined]
     idle_ms = topo.aggregates.idle_timeout
     hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
     last_data_wall: dict[int, float] = {}
     index_ready = False
 
-    @app.on_rebalance_complete.connect
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
     async def _rebalanced(sender: Any, **kwargs: Any) -> None:
         nonlocal index_ready
         index_ready = False
 
     async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
-        return await app.producer.send(topic, key.encode(), codec.dumps(value), None,
-                                       ts_ms / 1000.0 if ts_ms else None, None)
+        return await app.producer.send(
+            topic, key.encode(), codec.dumps(value), None, ts_ms / 1000.0 if ts_ms else None, None
+        )
 
     async def dlq(reason: str, payload: Any, source: str, partition: int, offset: int) -> None:
         counters.rejected += 1
@@ -115,8 +129,9 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
 
     async def close_windows(partition: int, offset: int, closes: list[Close]) -> None:
         if closes:
-            futs = [await send(topo.agg_topic, c.series, c.aggregate, c.aggregate["window_start"])
-                    for c in closes]
+            futs = [
+                await send(topo.agg_topic, c.series, c.aggregate, c.aggregate["window_start"]) for c in closes
+            ]
             # Durable in Kafka before the windows leave the state: a crash in between re-sends them.
             await asyncio.gather(*futs)
             counters.closed += len(closes)
@@ -132,16 +147,23 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
                 if not index_ready:
                     engine.rebuild()
                     index_ready = True
-                    log.info("state index rebuilt: %d open window(s) on partitions %s", engine.open_windows(),
-                             sorted(engine.parts))
+                    log.info(
+                        "state index rebuilt: %d open window(s) on partitions %s",
+                        engine.open_windows(),
+                        sorted(engine.parts),
+                    )
                 now = time.monotonic()
                 if is_heartbeat(msg.key):
                     seen = last_data_wall.setdefault(p, now)
                     idle = (now - seen) * 1000 >= idle_ms
                     closes = engine.due(p, flush_all=idle)
                     if idle and (closes or engine.open_windows(p)):
-                        log.info("partition %d quiet for %.0f s: closing its %d open window(s)", p, now - seen,
-                                 len(closes))
+                        log.info(
+                            "partition %d quiet for %.0f s: closing its %d open window(s)",
+                            p,
+                            now - seen,
+                            len(closes),
+                        )
                     if closes or idle:
                         await close_windows(p, o, closes)
                     continue
@@ -150,16 +172,28 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
                 try:
                     batch, bad = validate_batch(codec.loads(msg.value))
                 except codec.JSONDecodeError as e:
-                    await dlq(f"malformed: not JSON ({e})", msg.value, (msg.key or b"").decode(errors="replace"),
-                              p, o)
+                    await dlq(
+                        f"malformed: not JSON ({e})",
+                        msg.value,
+                        (msg.key or b"").decode(errors="replace"),
+                        p,
+                        o,
+                    )
                     continue
                 except InvalidRecord as e:
-                    await dlq(f"invalid: {e.reason}", msg.value, (msg.key or b"").decode(errors="replace"), p, o)
+                    await dlq(
+                        f"invalid: {e.reason}", msg.value, (msg.key or b"").decode(errors="replace"), p, o
+                    )
                     continue
                 source = batch["source"] or f"{batch['site']}/{batch['device']}"
                 for r, reason in bad:
-                    await dlq(f"invalid: {reason}", {"site": batch["site"], "device": batch["device"],
-                                                     "reading": r}, source, p, o)
+                    await dlq(
+                        f"invalid: {reason}",
+                        {"site": batch["site"], "device": batch["device"], "reading": r},
+                        source,
+                        p,
+                        o,
+                    )
                 applied = engine.apply(p, o, batch)
                 if applied.skipped:
                     counters.skipped += 1
@@ -167,14 +201,20 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
                 counters.readings += applied.applied
                 for r, window_end in applied.late:
                     counters.late += 1
-                    await dlq(f"late: window ending {window_end} already closed (watermark "
-                              f"{engine.watermark(p)})",
-                              {"site": batch["site"], "device": batch["device"], "reading": r}, source, p, o)
+                    await dlq(
+                        f"late: window ending {window_end} already closed (watermark {engine.watermark(p)})",
+                        {"site": batch["site"], "device": batch["device"], "reading": r},
+                        source,
+                        p,
+                        o,
+                    )
                 if topo.aggregates.latest:
                     for rd in applied.latest:
-                        await send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
+                        await send(
+                            topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"]
+                        )
                 await close_windows(p, o, engine.due(p))
-            except Exception as exc:  # noqa: BLE001 - anything here is infrastructure, not input
+            except Exception as exc:
                 fatal(f"aggregate agent failed on {msg.topic}[{p}]@{o}", exc)
 
     @app.timer(interval=hb_interval)
@@ -185,7 +225,7 @@ def build_app(topo: Topology, *, app_id: str | None = None, store: str = "memory
             body = codec.dumps({"heartbeat": int(time.time() * 1000)})
             for tp in tps:
                 await app.producer.send(topo.raw_topic, HEARTBEAT_KEY, body, tp.partition, None, None)
-        except Exception as exc:  # noqa: BLE001 - a missed heartbeat only delays idle flushing
+        except Exception as exc:
             log.warning("heartbeat not sent: %r", exc)
 
     if with_sinks:

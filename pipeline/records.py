@@ -114,7 +114,9 @@ def check_value(value: Any) -> float:
         if math.isfinite(value):
             return value
         raise InvalidRecord(f"value is not finite: {value!r}")
-    raise InvalidRecord(f"value must be a finite number or boolean, got {type(value).__name__}: {value!r:.80}")
+    raise InvalidRecord(
+        f"value must be a finite number or boolean, got {type(value).__name__}: {value!r:.80}"
+    )
 
 
 def check_ts(ts: Any) -> int:

@@ -19,9 +19,24 @@ from pipeline.topology import PostgresSink, Topology
 
 
 def aggregate_row(a: dict[str, Any]) -> tuple[Any, ...]:
-    return (ms_to_dt(a["window_start"]), a["series"], a["site"], a["device"], a["point"], a["count"],
-            a["good_count"], a["min"], a["max"], a["mean"], a["sum"], a["first"], a["last"], a["stddev"],
-            a.get("unit"), ms_to_dt(a["window_end"]))
+    return (
+        ms_to_dt(a["window_start"]),
+        a["series"],
+        a["site"],
+        a["device"],
+        a["point"],
+        a["count"],
+        a["good_count"],
+        a["min"],
+        a["max"],
+        a["mean"],
+        a["sum"],
+        a["first"],
+        a["last"],
+        a["stddev"],
+        a.get("unit"),
+        ms_to_dt(a["window_end"]),
+    )
 
 
 def reading_rows(value: bytes) -> list[tuple[Any, ...]]:
@@ -31,48 +46,91 @@ def reading_rows(value: bytes) -> list[tuple[Any, ...]]:
         return []  # the aggregation agent dead-letters malformed input; writing nothing here is right
     site, device = batch["site"], batch["device"]
     prefix = f"{site}/{device}/"
-    return [(ms_to_dt(r["ts"]), prefix + r["point"], r["value"], r["quality"], site, device, r["point"],
-             r.get("unit"), codec.dumps(r["status"]).decode() if "status" in r else None)
-            for r in batch["readings"]]
+    return [
+        (
+            ms_to_dt(r["ts"]),
+            prefix + r["point"],
+            r["value"],
+            r["quality"],
+            site,
+            device,
+            r["point"],
+            r.get("unit"),
+            codec.dumps(r["status"]).decode() if "status" in r else None,
+        )
+        for r in batch["readings"]
+    ]
 
 
-def attach_sinks(app: faust.App, topo: Topology, counters: Any, fatal: Callable[[str, BaseException], None]) -> None:
+def attach_sinks(
+    app: faust.App, topo: Topology, counters: Any, fatal: Callable[[str, BaseException], None]
+) -> None:
     for sink in topo.sinks:
         for table in sink.topics:
             _attach_postgres(app, topo, sink, table, counters, fatal)
 
 
-def _attach_postgres(app: faust.App, topo: Topology, sink: PostgresSink, table: str, counters: Any,
-                     fatal: Callable[[str, BaseException], None]) -> None:
+def _attach_postgres(
+    app: faust.App,
+    topo: Topology,
+    sink: PostgresSink,
+    table: str,
+    counters: Any,
+    fatal: Callable[[str, BaseException], None],
+) -> None:
     topic_name = topo.agg_topic if table == "agg_1m" else topo.raw_topic
-    topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    topic = app.topic(
+        topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
     writer = PostgresWriter(sink.dsn, sink.schema_name, consumer=f"{app.conf.id}/{sink.id}")
     batch_delay = sink.batch_delay / 1000.0
 
     @app.agent(topic, name=f"sink-{sink.id}-{table}", concurrency=1)
     async def sink_agent(stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(sink.batch_size, within=batch_delay):
+        async for events in stream.noack_take(  # type: ignore[attr-defined]
+            sink.batch_size, within=batch_delay
+        ):
             try:
                 records: list[Record] = []
                 for ev in events:
                     msg = ev.message
                     if table == "agg_1m":
                         try:
-                            records.append(Record(msg.partition, msg.offset,
-                                                  aggregate_row(codec.loads(msg.value)), msg.value))
+                            records.append(
+                                Record(
+                                    msg.partition,
+                                    msg.offset,
+                                    aggregate_row(codec.loads(msg.value)),
+                                    msg.value,
+                                )
+                            )
                         except (codec.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                             await _dlq(app, topo, sink.id, f"invalid aggregate: {e!r}", msg)
                     elif msg.key != b"\x00heartbeat":
-                        records.extend(Record(msg.partition, msg.offset, row) for row in reading_rows(msg.value))
+                        records.extend(
+                            Record(msg.partition, msg.offset, row) for row in reading_rows(msg.value)
+                        )
                 if records:
                     result = await writer.write(table, topic_name, records)
                     counters.sink_rows[table] = counters.sink_rows.get(table, 0) + result.written
                     for rec, reason in result.rejected:
                         await app.producer.send(
-                            topo.dlq_topic, sink.id.encode(),
-                            codec.dumps(dead_letter(sink.id, reason, rec.source or repr(rec.row),
-                                                    topic=topic_name, partition=rec.partition,
-                                                    offset=rec.offset)), None, None, None)
+                            topo.dlq_topic,
+                            sink.id.encode(),
+                            codec.dumps(
+                                dead_letter(
+                                    sink.id,
+                                    reason,
+                                    rec.source or repr(rec.row),
+                                    topic=topic_name,
+                                    partition=rec.partition,
+                                    offset=rec.offset,
+                                )
+                            ),
+                            None,
+                            None,
+                            None,
+                        )
                 for ev in events:
                     await stream.ack(ev)
             except Exception as exc:  # noqa: BLE001 - unacked batch; stop so it is read again

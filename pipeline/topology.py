@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from connectors.bacnet.config import BacnetSource
 from connectors.opcua.config import OpcUaSource
 
 TEMPLATE_FIELDS = ("site", "device", "point")
@@ -141,9 +142,9 @@ class MqttSource(_Model):
         return v
 
 
-Source = Annotated[MqttSource | OpcUaSource, Field(discriminator="type")]
+Source = Annotated[MqttSource | OpcUaSource | BacnetSource, Field(discriminator="type")]
 # Source configs other than MQTT, by type: their own models, in their connector's folder.
-SOURCE_MODELS: dict[str, type[BaseModel]] = {"opcua": OpcUaSource}
+SOURCE_MODELS: dict[str, type[BaseModel]] = {"opcua": OpcUaSource, "bacnet": BacnetSource}
 
 
 class Aggregates(_Model):
@@ -175,7 +176,7 @@ class PostgresSink(_Model):
     type: Literal["postgres"]
     dsn: str = Field("postgresql://plantstream:plantstream@127.0.0.1:55432/plantstream", repr=False)
     schema_name: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")
-    topics: list[Literal["agg_1m", "readings"]] = Field(default_factory=lambda: ["agg_1m"], min_length=1)
+    topics: list[Literal["agg_1m", "readings"]] = Field(default_factory=lambda: ["agg_1m"], min_length=1)  # type: ignore[arg-type]
     batch_size: int = Field(2000, ge=1, le=100_000)
     batch_delay: DurationMs = Field(500)
     retention: DurationMs | None = Field(None, description="drop data older than this (default: keep)")
@@ -348,7 +349,7 @@ def _message(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
 def _fields_by_path(data: Any) -> dict[str, list[str]]:
     """Allowed keys at each YAML path, for 'unknown key' errors."""
     out: dict[str, list[str]] = {"(top level)": _names(Topology)}
-    simple = {"broker": Broker, "aggregates": Aggregates, "simulate": Simulation}
+    simple: dict[str, type[BaseModel]] = {"broker": Broker, "aggregates": Aggregates, "simulate": Simulation}
     for k, m in simple.items():
         out[k] = _names(m)
     if isinstance(data, dict):

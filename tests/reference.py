@@ -11,7 +11,9 @@ import pandas as pd
 FIELDS = ("count", "good_count", "min", "max", "mean", "sum", "first", "last", "stddev")
 
 
-def expected_aggregates(readings: Iterable[tuple[str, int, float, str]]) -> dict[tuple[str, int], dict[str, Any]]:
+def expected_aggregates(
+    readings: Iterable[tuple[str, int, float, str]],
+) -> dict[tuple[str, int], dict[str, Any]]:
     """readings: (series, ts_ms, value, quality) → {(series, window_start_ms): fields}."""
     df = pd.DataFrame(list(readings), columns=["series", "ts", "value", "quality"])
     out: dict[tuple[str, int], dict[str, Any]] = {}
@@ -22,14 +24,33 @@ def expected_aggregates(readings: Iterable[tuple[str, int, float, str]]) -> dict
         good = g[g["quality"] == "good"]
         gs = pd.Series(good["value"].to_numpy(), index=pd.to_datetime(good["ts"], unit="ms"))
         r = gs.resample("1min")
-        stats = pd.DataFrame({"good_count": r.count(), "min": r.min(), "max": r.max(), "mean": r.mean(),
-                              "sum": r.sum(), "first": r.first(), "last": r.last(), "stddev": r.std(ddof=1)})
+        stats = pd.DataFrame(
+            {
+                "good_count": r.count(),
+                "min": r.min(),
+                "max": r.max(),
+                "mean": r.mean(),
+                "sum": r.sum(),
+                "first": r.first(),
+                "last": r.last(),
+                "stddev": r.std(ddof=1),
+            }
+        )
         for ts, n in counts.items():
             if n == 0:
                 continue
             ws = int(ts.value // 1_000_000)
-            row: dict[str, Any] = {"count": int(n), "good_count": 0, "min": None, "max": None, "mean": None,
-                                   "sum": None, "first": None, "last": None, "stddev": None}
+            row: dict[str, Any] = {
+                "count": int(n),
+                "good_count": 0,
+                "min": None,
+                "max": None,
+                "mean": None,
+                "sum": None,
+                "first": None,
+                "last": None,
+                "stddev": None,
+            }
             if ts in stats.index and stats.loc[ts, "good_count"] > 0:
                 s = stats.loc[ts]
                 row.update({k: (None if pd.isna(s[k]) else float(s[k])) for k in FIELDS[2:]})
@@ -44,8 +65,11 @@ def close(a: float | None, b: float | None, rel: float = 1e-9, scale: float = 1.
     return math.isclose(a, b, rel_tol=rel, abs_tol=rel * scale)
 
 
-def compare(actual: dict[tuple[str, int], dict[str, Any]], expected: dict[tuple[str, int], dict[str, Any]],
-            scale: float = 1000.0) -> list[str]:
+def compare(
+    actual: dict[tuple[str, int], dict[str, Any]],
+    expected: dict[tuple[str, int], dict[str, Any]],
+    scale: float = 1000.0,
+) -> list[str]:
     """Differences, as readable lines (empty when equal field by field)."""
     problems = []
     for key in sorted(set(expected) - set(actual)):

@@ -21,8 +21,15 @@ Delivered = Callable[[KafkaError | None], None]
 
 
 class TelemetryProducer:
-    def __init__(self, bootstrap: str, raw_topic: str, dlq_topic: str, *, client_id: str = "plantstream",
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        raw_topic: str,
+        dlq_topic: str,
+        *,
+        client_id: str = "plantstream",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
@@ -58,8 +65,9 @@ class TelemetryProducer:
 
         self._produce(self.raw_topic, key.encode(), codec.dumps(batch), cb, ts)
 
-    def send_dead_letter(self, source: str, reason: str, payload: bytes | str, topic: str | None,
-                         on_delivery: Delivered) -> None:
+    def send_dead_letter(
+        self, source: str, reason: str, payload: bytes | str, topic: str | None, on_delivery: Delivered
+    ) -> None:
         dl = dead_letter(source, reason, payload, topic=topic)
 
         def cb(err: KafkaError | None, _msg: Message) -> None:
@@ -71,8 +79,9 @@ class TelemetryProducer:
 
         self._produce(self.dlq_topic, source.encode(), codec.dumps(dl), cb, None)
 
-    def _produce(self, topic: str, key: bytes, value: bytes, cb: Callable[[Any, Any], None],
-                 ts: int | None) -> None:
+    def _produce(
+        self, topic: str, key: bytes, value: bytes, cb: Callable[[Any, Any], None], ts: int | None
+    ) -> None:
         while True:
             try:
                 if ts is None:

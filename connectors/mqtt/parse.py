@@ -33,7 +33,7 @@ def parse_ts(v: Any) -> int:
     if isinstance(v, int | float):
         if not math.isfinite(v):
             raise InvalidRecord(f"ts is not finite: {v!r}")
-        ms = int(round(v * 1000)) if abs(v) < _SECONDS_LIMIT else int(v)
+        ms = round(v * 1000) if abs(v) < _SECONDS_LIMIT else int(v)
     elif isinstance(v, str):
         try:
             dt = datetime.fromisoformat(v.strip().replace("z", "Z"))
@@ -41,7 +41,7 @@ def parse_ts(v: Any) -> int:
             raise InvalidRecord(f"ts is not RFC 3339 nor epoch: {v!r:.60}") from None
         if dt.tzinfo is None:
             raise InvalidRecord(f"ts has no time zone offset: {v!r:.60}")
-        ms = int(round(dt.timestamp() * 1000))
+        ms = round(dt.timestamp() * 1000)
     else:
         raise InvalidRecord(f"ts must be a number or RFC 3339 string, got {type(v).__name__}")
     if not TS_MIN_MS <= ms < TS_MAX_MS:
@@ -146,7 +146,9 @@ def parse_message(route: Route, ids: dict[str, str], payload: bytes, received_ms
             u = obj.get("unit", unit)
             if u is not None and not isinstance(u, str):
                 raise InvalidRecord(f"unit must be a string, got {u!r:.40}")
-            return Parsed(site, device, [_reading(point, obj["value"], ts, u, obj.get("quality", "good"))], [])
+            return Parsed(
+                site, device, [_reading(point, obj["value"], ts, u, obj.get("quality", "good"))], []
+            )
         return Parsed(site, device, [_reading(point, obj, received_ms, unit)], [])
     # The template does not name the point: every numeric leaf of a JSON object is a point.
     if not isinstance(obj, dict):

@@ -77,8 +77,13 @@ class MqttSourceRunner:
         url = urlparse(cfg.url)
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or 1883
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id or f"plantstream-{cfg.id}",
-                                  clean_session=False, protocol=mqtt.MQTTv311, manual_ack=True)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id or f"plantstream-{cfg.id}",
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
         if cfg.username:
             self.client.username_pw_set(cfg.username, cfg.password)
         self.client.max_inflight_messages_set(1000)
@@ -94,9 +99,14 @@ class MqttSourceRunner:
             log.error("source %s: MQTT connect refused: %s", self.cfg.id, reason)
             return
         # Subscribing again on every connect is harmless with a persistent session and needed without one.
-        client.subscribe([(f, self.cfg.qos) for f, _ in self.routes])
-        log.info("source %s: connected to %s:%d (session present: %s)", self.cfg.id, self._host, self._port,
-                 getattr(_flags, "session_present", "?"))
+        client.subscribe([(f, int(self.cfg.qos)) for f, _ in self.routes])
+        log.info(
+            "source %s: connected to %s:%d (session present: %s)",
+            self.cfg.id,
+            self._host,
+            self._port,
+            getattr(_flags, "session_present", "?"),
+        )
 
     def _on_subscribe(self, _c: mqtt.Client, _ud: Any, _mid: int, reasons: Any, _props: Any) -> None:
         refused = [r for r in reasons if getattr(r, "is_failure", False)]
@@ -114,6 +124,7 @@ class MqttSourceRunner:
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         received = now_ms()
+        payload = bytes(msg.payload)
         ack = _Ack(msg.mid, msg.qos)
         with self._room:
             while self._inflight >= self.cfg.max_inflight and not self._stop.is_set():
@@ -123,17 +134,17 @@ class MqttSourceRunner:
         route = next((r for f, r in self.routes if topic_matches(f, msg.topic)), None)
         ids = route.match(msg.topic) if route else None
         if route is None or ids is None:
-            self._dead_letter(ack, f"topic {msg.topic!r} does not fit any template", msg.payload, msg.topic)
+            self._dead_letter(ack, f"topic {msg.topic!r} does not fit any template", payload, msg.topic)
             self._release(ack)
             return
         try:
-            parsed = parse_message(route, ids, msg.payload, received)
+            parsed = parse_message(route, ids, payload, received)
         except InvalidRecord as e:
-            self._dead_letter(ack, e.reason, msg.payload, msg.topic)
+            self._dead_letter(ack, e.reason, payload, msg.topic)
             self._release(ack)
             return
         for reason in parsed.rejected:
-            self._dead_letter(ack, reason, msg.payload, msg.topic)
+            self._dead_letter(ack, reason, payload, msg.topic)
         if parsed.readings:
             full = None
             with self._lock:
@@ -177,8 +188,13 @@ class MqttSourceRunner:
         self.producer.send_dead_letter(self.cfg.id, reason, payload, topic, lambda err: self._done(ack, err))
 
     def _produce(self, pend: _Pending) -> None:
-        batch: ReadingBatch = {"v": 1, "source": self.cfg.id, "site": pend.site, "device": pend.device,
-                               "readings": pend.readings}
+        batch: ReadingBatch = {
+            "v": 1,
+            "source": self.cfg.id,
+            "site": pend.site,
+            "device": pend.device,
+            "readings": pend.readings,
+        }
         acks = pend.acks
         with self._lock:
             self.stats.batches += 1
@@ -213,8 +229,9 @@ class MqttSourceRunner:
         self.producer.poll(0.01)
         if self._reconnect_wanted:
             self._reconnect_wanted = False
-            log.warning("source %s: Kafka delivery failed; reconnecting MQTT so the broker redelivers",
-                        self.cfg.id)
+            log.warning(
+                "source %s: Kafka delivery failed; reconnecting MQTT so the broker redelivers", self.cfg.id
+            )
             self.client.reconnect()
 
     def stop(self, timeout: float = 30.0) -> None:

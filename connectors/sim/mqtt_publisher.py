@@ -23,15 +23,18 @@ def _topic_for(template: str, site: str, device: str, point: str | None) -> str:
     return out.replace("{point}", point) if point is not None else out
 
 
-def run_simulation(topo: Topology, stop: threading.Event, duration: float | None = None,
-                   on_tick: Any = None) -> int:
+def run_simulation(
+    topo: Topology, stop: threading.Event, duration: float | None = None, on_tick: Any = None
+) -> int:
     """Publish until ``stop`` is set (or ``duration`` seconds); returns messages published."""
     if topo.simulate is None:
         raise ValueError("the topology has no 'simulate' section")
     src = topo.source(topo.simulate.source)
     mapping = src.topics[0]
     url = urlparse(src.url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"plantstream-sim-{topo.name}", clean_session=True)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"plantstream-sim-{topo.name}", clean_session=True
+    )
     client.max_inflight_messages_set(1000)
     client.connect(url.hostname or "127.0.0.1", url.port or 1883, keepalive=30)
     client.loop_start()
@@ -49,11 +52,16 @@ def run_simulation(topo: Topology, stop: threading.Event, duration: float | None
                 if mapping.names_point:
                     for point, v in values.items():
                         payload = {"value": v, "ts": ts, "unit": model.units.get(point)}
-                        client.publish(_topic_for(mapping.template, site, device, point), codec.dumps(payload), qos=1)
+                        client.publish(
+                            _topic_for(mapping.template, site, device, point), codec.dumps(payload), qos=1
+                        )
                         sent += 1
                 else:
-                    client.publish(_topic_for(mapping.template, site, device, None),
-                                   codec.dumps({"ts": ts, **values}), qos=1)
+                    client.publish(
+                        _topic_for(mapping.template, site, device, None),
+                        codec.dumps({"ts": ts, **values}),
+                        qos=1,
+                    )
                     sent += 1
             if on_tick:
                 on_tick(sent)

@@ -26,8 +26,14 @@ class EnergySite:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    units = {"pv.power": "kW", "load.power": "kW", "battery.power": "kW", "battery.soc": "%",
-             "grid.power": "kW", "inverter.temperature": "degC"}
+    units = {
+        "pv.power": "kW",
+        "load.power": "kW",
+        "battery.power": "kW",
+        "battery.soc": "%",
+        "grid.power": "kW",
+        "inverter.temperature": "degC",
+    }
 
     def sample(self, t: float, dt: float) -> dict[str, float]:
         r = self._rng
@@ -42,9 +48,14 @@ class EnergySite:
             batt = 0.0
         self.soc = min(100.0, max(0.0, self.soc + batt * dt / 3600.0 / self.battery_kwh * 100.0))
         grid = load - pv + batt  # + imports
-        return {"pv.power": round(pv, 3), "load.power": round(load, 3), "battery.power": round(batt, 3),
-                "battery.soc": round(self.soc, 3), "grid.power": round(grid, 3),
-                "inverter.temperature": round(25.0 + pv / self.peak_kw * 30.0 + r.gauss(0, 0.2), 2)}
+        return {
+            "pv.power": round(pv, 3),
+            "load.power": round(load, 3),
+            "battery.power": round(batt, 3),
+            "battery.soc": round(self.soc, 3),
+            "grid.power": round(grid, 3),
+            "inverter.temperature": round(25.0 + pv / self.peak_kw * 30.0 + r.gauss(0, 0.2), 2),
+        }
 
 
 @dataclass
@@ -58,8 +69,15 @@ class AirHandlingUnit:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    units = {"outdoor.temperature": "degC", "return.temperature": "degC", "supply.temperature": "degC",
-             "supply.setpoint": "degC", "fan.speed": "%", "damper.position": "%", "filter.dp": "Pa"}
+    units = {
+        "outdoor.temperature": "degC",
+        "return.temperature": "degC",
+        "supply.temperature": "degC",
+        "supply.setpoint": "degC",
+        "fan.speed": "%",
+        "damper.position": "%",
+        "filter.dp": "Pa",
+    }
 
     def sample(self, t: float, dt: float) -> dict[str, float]:
         r = self._rng
@@ -67,11 +85,15 @@ class AirHandlingUnit:
         outdoor = 8.0 + 7.0 * math.sin(2 * math.pi * (hour - 9.0) / 24.0) + r.gauss(0, 0.1)
         sp = 17.0 if 6 <= hour < 19 else 15.0
         self._supply += (sp - self._supply) * min(1.0, dt / 120.0) + r.gauss(0, 0.05)
-        return {"outdoor.temperature": round(outdoor, 3), "return.temperature": round(21.5 + r.gauss(0, 0.1), 3),
-                "supply.temperature": round(self._supply, 3), "supply.setpoint": sp,
-                "fan.speed": round(65.0 + 10 * math.sin(t / 900.0) + r.gauss(0, 0.5), 2),
-                "damper.position": round(min(100.0, max(0.0, 30.0 + (outdoor - 8.0) * 3.0)), 2),
-                "filter.dp": round(120.0 + t % 3600 / 360.0, 2)}
+        return {
+            "outdoor.temperature": round(outdoor, 3),
+            "return.temperature": round(21.5 + r.gauss(0, 0.1), 3),
+            "supply.temperature": round(self._supply, 3),
+            "supply.setpoint": sp,
+            "fan.speed": round(65.0 + 10 * math.sin(t / 900.0) + r.gauss(0, 0.5), 2),
+            "damper.position": round(min(100.0, max(0.0, 30.0 + (outdoor - 8.0) * 3.0)), 2),
+            "filter.dp": round(120.0 + t % 3600 / 360.0, 2),
+        }
 
 
 MODELS = {"energy_site": EnergySite, "ahu": AirHandlingUnit}

@@ -90,19 +90,30 @@ def partition_ddl(schema: str, table: str, month_start: datetime) -> sql.Compose
     start, end = month_bounds(month_start)
     name = f"{table}_y{start.year:04d}m{start.month:02d}"
     return sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} PARTITION OF {}.{} FOR VALUES FROM ({}) TO ({})").format(
-        sql.Identifier(schema), sql.Identifier(name), sql.Identifier(schema), sql.Identifier(table),
-        sql.Literal(start), sql.Literal(end))
+        sql.Identifier(schema),
+        sql.Identifier(name),
+        sql.Identifier(schema),
+        sql.Identifier(table),
+        sql.Literal(start),
+        sql.Literal(end),
+    )
 
 
 def is_partitioned(conn: psycopg.Connection, schema: str, table: str) -> bool:
     row = conn.execute(
         "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    ).fetchone()
     return bool(row and row[0] == "p")
 
 
-def create_schema(dsn: str, schema: str = "public", tables: tuple[str, ...] = ("agg_1m", "readings"),
-                  retention_days: int | None = None) -> dict[str, str]:
+def create_schema(
+    dsn: str,
+    schema: str = "public",
+    tables: tuple[str, ...] = ("agg_1m", "readings"),
+    retention_days: int | None = None,
+) -> dict[str, str]:
     """Create what the sink needs; running it again changes nothing. Returns table -> storage kind."""
     out: dict[str, str] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -112,30 +123,45 @@ def create_schema(dsn: str, schema: str = "public", tables: tuple[str, ...] = ("
         for table in tables:
             existed = _exists(conn, schema, table)
             partition = "" if ts else f" PARTITION BY RANGE ({TIME_COLUMN[table]})"
-            conn.execute(sql.SQL(TABLES[table].format(schema="{schema}", partition=partition)).format(schema=ident))
+            conn.execute(
+                sql.SQL(TABLES[table].format(schema="{schema}", partition=partition)).format(schema=ident)
+            )
             if ts and not existed:
-                conn.execute("SELECT create_hypertable(%s, %s, chunk_time_interval => interval '1 day', "
-                             "if_not_exists => true)", (f"{schema}.{table}", TIME_COLUMN[table]))
-                conn.execute(sql.SQL("ALTER TABLE {}.{} SET (timescaledb.compress, "
-                                     "timescaledb.compress_segmentby = 'series')").format(
-                                         ident, sql.Identifier(table)))
-                conn.execute("SELECT add_compression_policy(%s, interval '7 days', if_not_exists => true)",
-                             (f"{schema}.{table}",))
+                conn.execute(
+                    "SELECT create_hypertable(%s, %s, chunk_time_interval => interval '1 day', "
+                    "if_not_exists => true)",
+                    (f"{schema}.{table}", TIME_COLUMN[table]),
+                )
+                conn.execute(
+                    sql.SQL(
+                        "ALTER TABLE {}.{} SET (timescaledb.compress, "
+                        "timescaledb.compress_segmentby = 'series')"
+                    ).format(ident, sql.Identifier(table))
+                )
+                conn.execute(
+                    "SELECT add_compression_policy(%s, interval '7 days', if_not_exists => true)",
+                    (f"{schema}.{table}",),
+                )
                 if retention_days:
-                    conn.execute("SELECT add_retention_policy(%s, %s::interval, if_not_exists => true)",
-                                 (f"{schema}.{table}", f"{retention_days} days"))
+                    conn.execute(
+                        "SELECT add_retention_policy(%s, %s::interval, if_not_exists => true)",
+                        (f"{schema}.{table}", f"{retention_days} days"),
+                    )
             if not ts:
                 now = datetime.now(UTC)
                 conn.execute(partition_ddl(schema, table, now))
                 conn.execute(partition_ddl(schema, table, month_bounds(now)[1]))
             out[table] = "hypertable" if ts else "partitioned"
         if ts and "agg_1m" in tables and not _exists(conn, schema, "agg_1h"):
-            conn.execute(sql.SQL(
-                "CREATE MATERIALIZED VIEW IF NOT EXISTS {}.agg_1h WITH (timescaledb.continuous) AS "
-                "SELECT time_bucket('1 hour', bucket) AS bucket, series, sum(count) AS count, "
-                "sum(good_count) AS good_count, min(min) AS min, max(max) AS max, "
-                "sum(sum) / NULLIF(sum(good_count), 0) AS mean, sum(sum) AS sum "
-                "FROM {}.agg_1m GROUP BY 1, 2 WITH NO DATA").format(ident, ident))
+            conn.execute(
+                sql.SQL(
+                    "CREATE MATERIALIZED VIEW IF NOT EXISTS {}.agg_1h WITH (timescaledb.continuous) AS "
+                    "SELECT time_bucket('1 hour', bucket) AS bucket, series, sum(count) AS count, "
+                    "sum(good_count) AS good_count, min(min) AS min, max(max) AS max, "
+                    "sum(sum) / NULLIF(sum(good_count), 0) AS mean, sum(sum) AS sum "
+                    "FROM {}.agg_1m GROUP BY 1, 2 WITH NO DATA"
+                ).format(ident, ident)
+            )
         conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
     return out
 
@@ -146,7 +172,9 @@ def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older
     rows = conn.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
-        "WHERE n.nspname = %s AND p.relname = %s", (schema, table)).fetchall()
+        "WHERE n.nspname = %s AND p.relname = %s",
+        (schema, table),
+    ).fetchall()
     for (name,) in rows:
         try:
             y, m = int(name[-7:-3]), int(name[-2:])

@@ -29,21 +29,49 @@ log = logging.getLogger("plantstream.postgres")
 TEMPORARY_CLASSES = ("08", "53", "57", "40")
 
 COLUMNS = {
-    "agg_1m": ("bucket", "series", "site", "device", "point", "count", "good_count", "min", "max", "mean",
-               "sum", "first", "last", "stddev", "unit", "window_end"),
+    "agg_1m": (
+        "bucket",
+        "series",
+        "site",
+        "device",
+        "point",
+        "count",
+        "good_count",
+        "min",
+        "max",
+        "mean",
+        "sum",
+        "first",
+        "last",
+        "stddev",
+        "unit",
+        "window_end",
+    ),
     "readings": ("time", "series", "value", "quality", "site", "device", "point", "unit", "status"),
 }
 KEYS = {"agg_1m": ("series", "bucket"), "readings": ("series", "time")}
 TIME_COLUMN = {"agg_1m": "bucket", "readings": "time"}
 STAGE_TYPES = {
-    "bucket": "timestamptz", "time": "timestamptz", "window_end": "timestamptz", "series": "text",
-    "site": "text", "device": "text", "point": "text", "unit": "text", "quality": "text", "status": "jsonb",
-    "count": "integer", "good_count": "integer", "value": "double precision",
+    "bucket": "timestamptz",
+    "time": "timestamptz",
+    "window_end": "timestamptz",
+    "series": "text",
+    "site": "text",
+    "device": "text",
+    "point": "text",
+    "unit": "text",
+    "quality": "text",
+    "status": "jsonb",
+    "count": "integer",
+    "good_count": "integer",
+    "value": "double precision",
 }
 
 
 def is_temporary(exc: BaseException) -> bool:
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not getattr(exc, "sqlstate", None):
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not getattr(
+        exc, "sqlstate", None
+    ):
         return True  # connection-level trouble without a server answer
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in TEMPORARY_CLASSES
@@ -72,8 +100,15 @@ def ms_to_dt(ms: int) -> datetime:
 
 
 class PostgresWriter:
-    def __init__(self, dsn: str, schema: str, consumer: str, *, max_backoff: float = 10.0,
-                 on_retry: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        consumer: str,
+        *,
+        max_backoff: float = 10.0,
+        on_retry: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.schema = schema
         self.consumer = consumer
@@ -106,20 +141,36 @@ class PostgresWriter:
                 if result.written and log.isEnabledFor(logging.DEBUG):
                     tcol = COLUMNS[table].index(TIME_COLUMN[table])
                     times = [r.row[tcol] for r in records]
-                    log.debug("%s: wrote %d rows (%d skipped) event time %s..%s in %.3fs", table,
-                              result.written, result.skipped, min(times), max(times), result.seconds)
+                    log.debug(
+                        "%s: wrote %d rows (%d skipped) event time %s..%s in %.3fs",
+                        table,
+                        result.written,
+                        result.skipped,
+                        min(times),
+                        max(times),
+                        result.seconds,
+                    )
                 return result
             except psycopg.Error as exc:
                 await self._discard()
                 if not is_temporary(exc):
-                    log.warning("%s: permanent error %s (%s); writing row by row", table,
-                                getattr(exc, "sqlstate", None), exc)
+                    log.warning(
+                        "%s: permanent error %s (%s); writing row by row",
+                        table,
+                        getattr(exc, "sqlstate", None),
+                        exc,
+                    )
                     result = await self._write_rows(table, topic, records)
                     result.seconds = time.perf_counter() - started
                     return result
                 delay = next(backoff)
-                log.warning("%s: temporary database error %s (%s); retrying in %.1fs", table,
-                            getattr(exc, "sqlstate", None), str(exc).strip(), delay)
+                log.warning(
+                    "%s: temporary database error %s (%s); retrying in %.1fs",
+                    table,
+                    getattr(exc, "sqlstate", None),
+                    str(exc).strip(),
+                    delay,
+                )
                 if self.on_retry:
                     self.on_retry(exc)
                 await asyncio.sleep(delay)
@@ -131,33 +182,44 @@ class PostgresWriter:
             finally:
                 self._conn = None
 
-    async def _stored_offsets(self, cur: psycopg.AsyncCursor[Any], topic: str,
-                              partitions: set[int]) -> dict[int, int]:
+    async def _stored_offsets(
+        self, cur: psycopg.AsyncCursor[Any], topic: str, partitions: set[int]
+    ) -> dict[int, int]:
         await cur.execute(
-            sql.SQL('SELECT partition, "offset" FROM {}.sink_offsets WHERE consumer = %s AND topic = %s '
-                    "AND partition = ANY(%s) FOR UPDATE").format(sql.Identifier(self.schema)),
-            (self.consumer, topic, sorted(partitions)))
+            sql.SQL(
+                'SELECT partition, "offset" FROM {}.sink_offsets WHERE consumer = %s AND topic = %s '
+                "AND partition = ANY(%s) FOR UPDATE"
+            ).format(sql.Identifier(self.schema)),
+            (self.consumer, topic, sorted(partitions)),
+        )
         return {p: o for p, o in await cur.fetchall()}
 
-    async def _store_offsets(self, cur: psycopg.AsyncCursor[Any], topic: str, records: Sequence[Record]) -> None:
+    async def _store_offsets(
+        self, cur: psycopg.AsyncCursor[Any], topic: str, records: Sequence[Record]
+    ) -> None:
         top: dict[int, int] = {}
         for r in records:
             if r.offset > top.get(r.partition, -1):
                 top[r.partition] = r.offset
         await cur.executemany(
-            sql.SQL('INSERT INTO {}.sink_offsets (consumer, topic, partition, "offset") VALUES (%s, %s, %s, %s) '
-                    'ON CONFLICT (consumer, topic, partition) DO UPDATE SET "offset" = '
-                    'GREATEST(sink_offsets."offset", EXCLUDED."offset"), updated_at = now()').format(
-                        sql.Identifier(self.schema)),
-            [(self.consumer, topic, p, o) for p, o in top.items()])
+            sql.SQL(
+                'INSERT INTO {}.sink_offsets (consumer, topic, partition, "offset") VALUES (%s, %s, %s, %s) '
+                'ON CONFLICT (consumer, topic, partition) DO UPDATE SET "offset" = '
+                'GREATEST(sink_offsets."offset", EXCLUDED."offset"), updated_at = now()'
+            ).format(sql.Identifier(self.schema)),
+            [(self.consumer, topic, p, o) for p, o in top.items()],
+        )
 
-    async def _ensure_partitions(self, conn: psycopg.AsyncConnection[Any], table: str,
-                                 records: Sequence[Record]) -> None:
+    async def _ensure_partitions(
+        self, conn: psycopg.AsyncConnection[Any], table: str, records: Sequence[Record]
+    ) -> None:
         if table not in self._partitioned:
             async with conn.cursor() as cur:
                 await cur.execute(
                     "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE n.nspname = %s AND c.relname = %s", (self.schema, table))
+                    "WHERE n.nspname = %s AND c.relname = %s",
+                    (self.schema, table),
+                )
                 row = await cur.fetchone()
             await conn.commit()
             self._partitioned[table] = bool(row and row[0] == "p")
@@ -175,8 +237,9 @@ class PostgresWriter:
         name = f"stage_{table}"
         if name not in self._staged:
             cols = ", ".join(f"{c} {STAGE_TYPES.get(c, 'double precision')}" for c in COLUMNS[table])
-            await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}, ord bigint) "
-                               "ON COMMIT DELETE ROWS")
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}, ord bigint) ON COMMIT DELETE ROWS"
+            )
             await conn.commit()
             self._staged.add(name)
         return name
@@ -186,16 +249,22 @@ class PostgresWriter:
         keys = KEYS[table]
         updates = [c for c in cols if c not in keys]
         col_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-        set_list = sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
-                                      for c in updates)
+        set_list = sql.SQL(", ").join(
+            sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in updates
+        )
         if table == "agg_1m":
             set_list = sql.SQL("{}, written_at = now()").format(set_list)
         return sql.SQL(
             "INSERT INTO {schema}.{table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {source} "
-            "ORDER BY {keys}, ord DESC ON CONFLICT ({keys}) DO UPDATE SET {updates}").format(
-                schema=sql.Identifier(self.schema), table=sql.Identifier(table), cols=col_list,
-                keys=sql.SQL(", ").join(sql.Identifier(k) for k in keys), source=sql.Identifier(source),
-                updates=set_list)
+            "ORDER BY {keys}, ord DESC ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+        ).format(
+            schema=sql.Identifier(self.schema),
+            table=sql.Identifier(table),
+            cols=col_list,
+            keys=sql.SQL(", ").join(sql.Identifier(k) for k in keys),
+            source=sql.Identifier(source),
+            updates=set_list,
+        )
 
     async def _write_once(self, table: str, topic: str, records: Sequence[Record]) -> WriteResult:
         conn = await self._connection()
@@ -222,11 +291,17 @@ class PostgresWriter:
         result = WriteResult()
         cols = COLUMNS[table]
         insert = sql.SQL("INSERT INTO {}.{} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
-            sql.Identifier(self.schema), sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, cols)),
+            sql.Identifier(self.schema),
+            sql.Identifier(table),
+            sql.SQL(", ").join(map(sql.Identifier, cols)),
             sql.SQL(", ").join(sql.Placeholder() * len(cols)),
             sql.SQL(", ").join(map(sql.Identifier, KEYS[table])),
-            sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
-                               for c in cols if c not in KEYS[table]))
+            sql.SQL(", ").join(
+                sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                for c in cols
+                if c not in KEYS[table]
+            ),
+        )
         async with conn.transaction(), conn.cursor() as cur:
             stored = await self._stored_offsets(cur, topic, {r.partition for r in records})
             for r in records:
@@ -240,8 +315,9 @@ class PostgresWriter:
                 except psycopg.Error as exc:
                     if is_temporary(exc):
                         raise
-                    result.rejected.append((r, f"database refused the row: {getattr(exc, 'sqlstate', '')} "
-                                               f"{str(exc).strip()}"))
+                    result.rejected.append(
+                        (r, f"database refused the row: {getattr(exc, 'sqlstate', '')} {str(exc).strip()}")
+                    )
             await self._store_offsets(cur, topic, records)
         return result
 

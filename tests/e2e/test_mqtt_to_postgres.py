@@ -45,18 +45,36 @@ def topology(ns: dict[str, str]) -> dict[str, Any]:
         "name": f"e2e{ns['tag']}",
         "prefix": ns["prefix"],
         "broker": {"bootstrap": ns["PLANTSTREAM_KAFKA"], "partitions": 4},
-        "sources": [{
-            "id": "mqtt-e2e", "type": "mqtt", "url": ns["PLANTSTREAM_MQTT_URL"],
-            "client_id": f"e2e-{ns['tag']}",
-            "topics": [
-                {"filter": f"{ns['mqtt_root']}/+/+/+", "template": f"{ns['mqtt_root']}/{{site}}/{{device}}/{{point}}"},
-                {"filter": f"{ns['mqtt_root']}-obj/+/data", "template": f"{ns['mqtt_root']}-obj/{{device}}/data",
-                 "site": "plant"},
-            ],
-        }],
+        "sources": [
+            {
+                "id": "mqtt-e2e",
+                "type": "mqtt",
+                "url": ns["PLANTSTREAM_MQTT_URL"],
+                "client_id": f"e2e-{ns['tag']}",
+                "topics": [
+                    {
+                        "filter": f"{ns['mqtt_root']}/+/+/+",
+                        "template": f"{ns['mqtt_root']}/{{site}}/{{device}}/{{point}}",
+                    },
+                    {
+                        "filter": f"{ns['mqtt_root']}-obj/+/data",
+                        "template": f"{ns['mqtt_root']}-obj/{{device}}/data",
+                        "site": "plant",
+                    },
+                ],
+            }
+        ],
         "aggregates": {"grace": "10s", "idle_timeout": "4s"},
-        "sinks": [{"id": "pg", "type": "postgres", "dsn": ns["PLANTSTREAM_PG_DSN"], "schema": ns["schema"],
-                   "topics": ["agg_1m"], "batch_delay": "200ms"}],
+        "sinks": [
+            {
+                "id": "pg",
+                "type": "postgres",
+                "dsn": ns["PLANTSTREAM_PG_DSN"],
+                "schema": ns["schema"],
+                "topics": ["agg_1m"],
+                "batch_delay": "200ms",
+            }
+        ],
     }
 
 
@@ -86,8 +104,14 @@ def make_traffic(ns: dict[str, str], seed: int = 7):
                 body: dict[str, Any] = {"value": value, "ts": ts}
                 if quality != "good":
                     body["quality"] = quality
-                events.append((ts, f"{root}/site1/{dev}/{point}", codec.dumps(body),
-                               [(f"site1/{dev}/{point}", ts, value, quality)]))
+                events.append(
+                    (
+                        ts,
+                        f"{root}/site1/{dev}/{point}",
+                        codec.dumps(body),
+                        [(f"site1/{dev}/{point}", ts, value, quality)],
+                    )
+                )
     # A JSON-object device whose topic carries no point: two points per message, ts in epoch seconds.
     ts = T0
     while True:
@@ -95,9 +119,14 @@ def make_traffic(ns: dict[str, str], seed: int = 7):
         if ts >= T0 + span:
             break
         a, b = 20 + rng.gauss(0, 1), 50 + rng.gauss(0, 5)
-        events.append((ts, f"{root}-obj/hp1/data",
-                       codec.dumps({"ts": ts / 1000.0, "temp": {"supply": a}, "power": b}),
-                       [("plant/hp1/temp.supply", ts, a, "good"), ("plant/hp1/power", ts, b, "good")]))
+        events.append(
+            (
+                ts,
+                f"{root}-obj/hp1/data",
+                codec.dumps({"ts": ts / 1000.0, "temp": {"supply": a}, "power": b}),
+                [("plant/hp1/temp.supply", ts, a, "good"), ("plant/hp1/power", ts, b, "good")],
+            )
+        )
     # Shuffle within the grace: a reading is published after others up to 8 s newer, never more.
     order = sorted(events, key=lambda e: e[0] + rng.uniform(0, SHUFFLE_MS))
     messages: list[tuple[str, bytes, int | None]] = []
@@ -167,16 +196,21 @@ def publish(url: str, messages: list[tuple[str, bytes, int | None]], client_id: 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def agg_rows(dsn: str, schema: str) -> dict[tuple[str, int], dict[str, Any]]:
     with psycopg.connect(dsn) as conn:
         try:
             rows = conn.execute(
-                f'SELECT series, (extract(epoch FROM bucket) * 1000)::bigint, count, good_count, min, max, mean, '
-                f'sum, first, last, stddev FROM "{schema}".agg_1m').fetchall()
+                "SELECT series, (extract(epoch FROM bucket) * 1000)::bigint, count, good_count, min, max, "
+                f'mean, sum, first, last, stddev FROM "{schema}".agg_1m'
+            ).fetchall()
         except psycopg.errors.UndefinedTable:
             return {}
     cols = ("count", "good_count", "min", "max", "mean", "sum", "first", "last", "stddev")
@@ -184,8 +218,14 @@ def agg_rows(dsn: str, schema: str) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def read_dlq(bootstrap: str, topic: str, expect: int, timeout: float) -> list[dict[str, Any]]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"dlq-reader-{time.time_ns()}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"dlq-reader-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     c.subscribe([topic])
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -207,22 +247,32 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
     ns = namespace
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topology(ns)))
-    assert subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)],
-                          capture_output=True, timeout=120).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)], capture_output=True, timeout=120
+        ).returncode
+        == 0
+    )
 
     messages, on_time, late, malformed = make_traffic(ns)
     assert len(on_time) >= 10_000 and len({s for s, *_ in on_time}) >= 5 and len(malformed) >= 20
     assert late, "the traffic must include late readings"
 
     connector = spawn(["connect", str(topo_file)], tmp_path / "connect.log")
-    worker = spawn(["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
-                   tmp_path / "worker1.log")
+    worker = spawn(
+        ["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
+        tmp_path / "worker1.log",
+    )
     dsn = ns["PLANTSTREAM_PG_DSN"]
     procs = [connector, worker]
     try:
         # Publish only once the connector's subscription is in place (its persistent session then keeps
         # every later message for it, even across reconnects).
-        wait_for(lambda: "subscribed to" in (tmp_path / "connect.log").read_text(), 60, "the connector to subscribe")
+        wait_for(
+            lambda: "subscribed to" in (tmp_path / "connect.log").read_text(),
+            60,
+            "the connector to subscribe",
+        )
         half = len(messages) // 2
         publish(ns["PLANTSTREAM_MQTT_URL"], messages[:half], f"pub1-{ns['tag']}")
         # Mid-run: some minutes are in the table, others are still open. Stop the worker gracefully.
@@ -231,8 +281,10 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         assert worker.wait(90) is not None
         before_restart = len(agg_rows(dsn, ns["schema"]))
         publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
-        worker = spawn(["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
-                       tmp_path / "worker2.log")
+        worker = spawn(
+            ["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
+            tmp_path / "worker2.log",
+        )
         procs.append(worker)
 
         expected = expected_aggregates(on_time)
@@ -246,17 +298,21 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
             wait_for(complete, 180, f"{len(expected)} rows in agg_1m")
         except AssertionError:
             have = agg_rows(dsn, ns["schema"])
-            raise AssertionError(f"{len(have)} of {len(expected)} rows; missing "
-                                 f"{sorted(set(expected) - set(have))[:10]}") from None
+            raise AssertionError(
+                f"{len(have)} of {len(expected)} rows; missing {sorted(set(expected) - set(have))[:10]}"
+            ) from None
         time.sleep(0)  # rows are final once present; any extra row would show below
         actual = agg_rows(dsn, ns["schema"])
         problems = compare(actual, expected)
         assert problems == [], "\n".join(problems[:30])
 
-        dlq = read_dlq(ns["PLANTSTREAM_KAFKA"], f"{ns['prefix']}telemetry.dlq",
-                       len(late) + len(malformed), 120)
-        late_seen = {(d["reading"]["point"], d["reading"]["ts"])
-                     for d in (codec.loads(x["payload"]) for x in dlq if x["reason"].startswith("late"))}
+        dlq = read_dlq(
+            ns["PLANTSTREAM_KAFKA"], f"{ns['prefix']}telemetry.dlq", len(late) + len(malformed), 120
+        )
+        late_seen = {
+            (d["reading"]["point"], d["reading"]["ts"])
+            for d in (codec.loads(x["payload"]) for x in dlq if x["reason"].startswith("late"))
+        }
         assert {(s.split("/")[2], ts) for s, ts, _ in late} <= late_seen
         assert all(x["reason"] for x in dlq)
         malformed_seen = [x for x in dlq if not x["reason"].startswith("late")]
@@ -264,8 +320,11 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         sent = set(malformed)
         got = set()
         for x in malformed_seen:
-            payload = x["payload"].encode() if x.get("payload_encoding", "text") == "text" else __import__(
-                "base64").b64decode(x["payload"])
+            payload = (
+                x["payload"].encode()
+                if x.get("payload_encoding", "text") == "text"
+                else __import__("base64").b64decode(x["payload"])
+            )
             got.add((x.get("topic"), payload))
         assert sent <= got, f"missing from the DLQ: {sorted(sent - got)[:5]}"
     finally:

@@ -11,8 +11,13 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 def batch(device, readings, site="s1"):
-    return {"v": 1, "source": "t", "site": site, "device": device,
-            "readings": [{"point": p, "ts": ts, "value": v, "quality": q} for p, ts, v, q in readings]}
+    return {
+        "v": 1,
+        "source": "t",
+        "site": site,
+        "device": device,
+        "readings": [{"point": p, "ts": ts, "value": v, "quality": q} for p, ts, v, q in readings],
+    }
 
 
 def run_all(agg, messages, partition=0, flush=True):
@@ -34,8 +39,17 @@ def run_all(agg, messages, partition=0, flush=True):
 
 def test_single_window_statistics():
     agg = MinuteAggregator({}, grace_ms=0)
-    msgs = [batch("d", [("p", T0 + 1000, 1.0, "good"), ("p", T0 + 3000, 3.0, "good"),
-                        ("p", T0 + 2000, 2.0, "bad"), ("p", T0 + 500, 4.0, "good")])]
+    msgs = [
+        batch(
+            "d",
+            [
+                ("p", T0 + 1000, 1.0, "good"),
+                ("p", T0 + 3000, 3.0, "good"),
+                ("p", T0 + 2000, 2.0, "bad"),
+                ("p", T0 + 500, 4.0, "good"),
+            ],
+        )
+    ]
     out = run_all(agg, msgs)
     a = out[("s1/d/p", T0)]
     assert a["count"] == 4 and a["good_count"] == 3
@@ -58,8 +72,11 @@ def test_window_closes_only_after_grace():
 
 def test_late_reading_is_returned_not_applied():
     agg = MinuteAggregator({}, grace_ms=10_000)
-    run_all(agg, [batch("d", [("p", T0 + 1_000, 1.0, "good")]), batch("d", [("p", T0 + 200_000, 1.0, "good")])],
-            flush=False)
+    run_all(
+        agg,
+        [batch("d", [("p", T0 + 1_000, 1.0, "good")]), batch("d", [("p", T0 + 200_000, 1.0, "good")])],
+        flush=False,
+    )
     res = agg.apply(0, 5, batch("d", [("p", T0 + 2_000, 9.0, "good"), ("p", T0 + 195_000, 2.0, "good")]))
     assert [r["ts"] for r, _ in res.late] == [T0 + 2_000]
     assert res.applied == 1
@@ -81,8 +98,10 @@ def test_replayed_message_is_skipped():
 
 
 def test_crash_between_apply_and_finish_replays_to_the_same_result():
-    msgs = [batch("d", [("p", T0 + i * 7_000, float(i), "good"), ("q", T0 + i * 7_000, -float(i), "good")])
-            for i in range(40)]
+    msgs = [
+        batch("d", [("p", T0 + i * 7_000, float(i), "good"), ("q", T0 + i * 7_000, -float(i), "good")])
+        for i in range(40)
+    ]
     clean = run_all(MinuteAggregator({}, grace_ms=5_000), msgs)
     store = {}
     agg = MinuteAggregator(store, grace_ms=5_000)
@@ -152,7 +171,7 @@ def test_matches_pandas_on_shuffled_on_time_data(seed, n, grace):
     msgs, i = [], 0
     while i < len(arrival):
         k = rng.randint(1, 30)
-        msgs.append(batch("d", [(p, ts, v, q) for p, ts, v, q in arrival[i:i + k]]))
+        msgs.append(batch("d", [(p, ts, v, q) for p, ts, v, q in arrival[i : i + k]]))
         i += k
     agg = MinuteAggregator({}, grace_ms=grace)
     out = run_all(agg, msgs)

@@ -24,8 +24,16 @@ def test_template_maps_levels_and_fixed_values():
     assert r.match("heatpump/hp1/other") is None
 
 
-@pytest.mark.parametrize(("raw", "ms"), [(1_767_225_600, NOW), (1_767_225_600.5, NOW + 500), (NOW, NOW),
-                                         ("2026-01-01T00:00:00Z", NOW), ("2026-01-01T01:00:00+01:00", NOW)])
+@pytest.mark.parametrize(
+    ("raw", "ms"),
+    [
+        (1_767_225_600, NOW),
+        (1_767_225_600.5, NOW + 500),
+        (NOW, NOW),
+        ("2026-01-01T00:00:00Z", NOW),
+        ("2026-01-01T01:00:00+01:00", NOW),
+    ],
+)
 def test_timestamps(raw, ms):
     assert parse_ts(raw) == ms
 
@@ -42,11 +50,26 @@ def test_bare_number_and_json_value():
     p = parse_message(r, ids, b"21.5", NOW)
     assert [(x["point"], x["value"], x["ts"]) for x in p.readings] == [("temp", 21.5, NOW)]
     p = parse_message(r, ids, b'{"value": true, "ts": 1767225601, "unit": "C", "quality": "uncertain"}', 0)
-    assert p.readings == [{"point": "temp", "ts": NOW + 1000, "value": 1.0, "quality": "uncertain", "unit": "C"}]
+    assert p.readings == [
+        {"point": "temp", "ts": NOW + 1000, "value": 1.0, "quality": "uncertain", "unit": "C"}
+    ]
 
 
-@pytest.mark.parametrize("payload", [b"NaN", b"inf", b"abc", b"", b'{"value": "1"}', b'{"value": null}', b"[1]",
-                                     b"\xff\xfe", b'{"x": 1}', b"1e400"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"NaN",
+        b"inf",
+        b"abc",
+        b"",
+        b'{"value": "1"}',
+        b'{"value": null}',
+        b"[1]",
+        b"\xff\xfe",
+        b'{"x": 1}',
+        b"1e400",
+    ],
+)
 def test_invalid_point_payloads(payload):
     r = route("p/{site}/{device}/{point}")
     with pytest.raises(InvalidRecord):
@@ -55,10 +78,17 @@ def test_invalid_point_payloads(payload):
 
 def test_object_payload_flattens_nested_keys_and_keeps_good_leaves():
     r = route("hp/{device}/data", site="depot")
-    p = parse_message(r, r.match("hp/h1/data"),
-                      b'{"ts": "2026-01-01T00:00:00Z", "temperature": {"inlet": 45, "outlet": 40.5}, "on": true, '
-                      b'"mode": "auto", "alarms": [1]}', 0)
-    assert {(x["point"], x["value"]) for x in p.readings} == {("temperature.inlet", 45.0), ("temperature.outlet", 40.5),
-                                                             ("on", 1.0)}
+    p = parse_message(
+        r,
+        r.match("hp/h1/data"),
+        b'{"ts": "2026-01-01T00:00:00Z", "temperature": {"inlet": 45, "outlet": 40.5}, "on": true, '
+        b'"mode": "auto", "alarms": [1]}',
+        0,
+    )
+    assert {(x["point"], x["value"]) for x in p.readings} == {
+        ("temperature.inlet", 45.0),
+        ("temperature.outlet", 40.5),
+        ("on", 1.0),
+    }
     assert all(x["ts"] == NOW for x in p.readings)
     assert len(p.rejected) == 2 and any("point mode" in x for x in p.rejected)

@@ -23,16 +23,25 @@ def test_schemas_are_valid_json_schema():
 
 
 def sample_batch():
-    return {"v": 1, "source": "s", "site": "a", "device": "b",
-            "readings": [{"point": "p", "ts": T0, "value": 1.5, "quality": "good", "unit": "kW"},
-                         {"point": "q.r", "ts": T0 + 1, "value": 0.0, "quality": "bad", "status": {"code": 1}}]}
+    return {
+        "v": 1,
+        "source": "s",
+        "site": "a",
+        "device": "b",
+        "readings": [
+            {"point": "p", "ts": T0, "value": 1.5, "quality": "good", "unit": "kW"},
+            {"point": "q.r", "ts": T0 + 1, "value": 0.0, "quality": "bad", "status": {"code": 1}},
+        ],
+    }
 
 
 def test_reading_batch_and_reading():
     batch, bad = validate_batch(sample_batch())
     assert bad == []
     jsonschema.validate(batch, schema("reading-batch.json"))
-    single, _ = validate_batch({"site": "a", "device": "b", "point": "p", "ts": T0, "value": True, "quality": "good"})
+    single, _ = validate_batch(
+        {"site": "a", "device": "b", "point": "p", "ts": T0, "value": True, "quality": "good"}
+    )
     r = {"site": "a", "device": "b", **single["readings"][0]}
     assert r["value"] == 1.0
     jsonschema.validate(r, schema("reading.json"))

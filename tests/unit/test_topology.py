@@ -12,7 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def minimal(**over):
     data = {
         "name": "x",
-        "sources": [{"id": "m", "type": "mqtt", "topics": [{"filter": "a/+/+/+", "template": "a/{site}/{device}/{point}"}]}],
+        "sources": [
+            {
+                "id": "m",
+                "type": "mqtt",
+                "topics": [{"filter": "a/+/+/+", "template": "a/{site}/{device}/{point}"}],
+            }
+        ],
         "sinks": [{"id": "pg", "type": "postgres"}],
     }
     data.update(over)
@@ -32,7 +38,9 @@ def test_three_mistakes_give_three_errors_each_with_its_path():
     data["sinks"][0]["batch_size"] = 0
     found = problems(data)
     assert len(found) == 3, found
-    assert found[0].startswith("sources[0].topics[0].template: unknown field {room}; allowed: {site}, {device}, {point}")
+    assert found[0].startswith(
+        "sources[0].topics[0].template: unknown field {room}; allowed: {site}, {device}, {point}"
+    )
     assert any(p.startswith("aggregates.grace: expected a duration") and "'ten seconds'" in p for p in found)
     assert any(p.startswith("sinks[0].batch_size:") and "(found 0)" in p for p in found)
 
@@ -73,7 +81,9 @@ def test_env_expansion_and_overrides(tmp_path):
     assert topo.broker.bootstrap == "k:9"
     with pytest.raises(t.TopologyError) as e:
         t.load(f, env={})
-    assert e.value.problems == ["sinks[0].dsn: environment variable PGX is not set (set it, or write ${PGX:-default})"]
+    assert e.value.problems == [
+        "sinks[0].dsn: environment variable PGX is not set (set it, or write ${PGX:-default})"
+    ]
 
 
 def test_bad_yaml_names_the_line(tmp_path):
@@ -103,4 +113,6 @@ def test_shipped_topologies_are_valid(path):
 
 def test_json_schema_file_is_current():
     on_disk = json.loads((ROOT / "topologies" / "topology.schema.json").read_text())
-    assert on_disk == t.json_schema(), "regenerate: python -m pipeline.topology > topologies/topology.schema.json"
+    assert on_disk == t.json_schema(), (
+        "regenerate: python -m pipeline.topology > topologies/topology.schema.json"
+    )
