@@ -110,12 +110,14 @@ def build_app(
     idle_ms = topo.aggregates.idle_timeout
     hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
     last_data_wall: dict[int, float] = {}
+    seen_partitions: set[int] = set()
     index_ready = False
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
     async def _rebalanced(sender: Any, **kwargs: Any) -> None:
         nonlocal index_ready
         index_ready = False
+        seen_partitions.clear()
 
     async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
         return await app.producer.send(
@@ -137,85 +139,99 @@ def build_app(
             counters.closed += len(closes)
         engine.finish(partition, offset, closes)
 
+    async def handle(event: Any) -> None:
+        nonlocal index_ready
+        msg = event.message
+        p, o = msg.partition, msg.offset
+        if not index_ready:
+            engine.rebuild()
+            index_ready = True
+            log.info(
+                "state index rebuilt: %d open window(s) on partitions %s",
+                engine.open_windows(),
+                sorted(engine.parts),
+            )
+        now = time.monotonic()
+        if p not in seen_partitions:
+            seen_partitions.add(p)
+            ps = engine.parts.get(p)
+            log.info(
+                "partition %d: first input at offset %d; state applied through %s",
+                p,
+                o,
+                ps.offset if ps else None,
+            )
+        if is_heartbeat(msg.key):
+            seen = last_data_wall.setdefault(p, now)
+            idle = (now - seen) * 1000 >= idle_ms
+            closes = engine.due(p, flush_all=idle)
+            if idle and (closes or engine.open_windows(p)):
+                log.info(
+                    "partition %d quiet for %.0f s: closing its %d open window(s)",
+                    p,
+                    now - seen,
+                    len(closes),
+                )
+            if closes or idle:
+                await close_windows(p, o, closes)
+            return
+        last_data_wall[p] = now
+        counters.messages += 1
+        try:
+            batch, bad = validate_batch(codec.loads(msg.value))
+        except codec.JSONDecodeError as e:
+            await dlq(
+                f"malformed: not JSON ({e})",
+                msg.value,
+                (msg.key or b"").decode(errors="replace"),
+                p,
+                o,
+            )
+            return
+        except InvalidRecord as e:
+            await dlq(f"invalid: {e.reason}", msg.value, (msg.key or b"").decode(errors="replace"), p, o)
+            return
+        source = batch["source"] or f"{batch['site']}/{batch['device']}"
+        for r, reason in bad:
+            await dlq(
+                f"invalid: {reason}",
+                {"site": batch["site"], "device": batch["device"], "reading": r},
+                source,
+                p,
+                o,
+            )
+        applied = engine.apply(p, o, batch)
+        if applied.skipped:
+            counters.skipped += 1
+            return
+        counters.readings += applied.applied
+        for r, window_end in applied.late:
+            counters.late += 1
+            await dlq(
+                f"late: window ending {window_end} already closed (watermark {engine.watermark(p)})",
+                {"site": batch["site"], "device": batch["device"], "reading": r},
+                source,
+                p,
+                o,
+            )
+        if topo.aggregates.latest:
+            for rd in applied.latest:
+                await send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
+        await close_windows(p, o, engine.due(p))
+
     @app.agent(raw, name="aggregate")
     async def aggregate(stream: faust.StreamT) -> None:
-        nonlocal index_ready
-        async for event in stream.events():
-            msg = event.message
-            p, o = msg.partition, msg.offset
+        # Manual acks: an event is acknowledged only after it was handled completely. With Faust's
+        # automatic acks, an event interrupted by a shutdown was acknowledged and committed although its
+        # state had not been written, and a restart skipped it.
+        manual = stream.noack()
+        async for event in manual.events():
             try:
-                if not index_ready:
-                    engine.rebuild()
-                    index_ready = True
-                    log.info(
-                        "state index rebuilt: %d open window(s) on partitions %s",
-                        engine.open_windows(),
-                        sorted(engine.parts),
-                    )
-                now = time.monotonic()
-                if is_heartbeat(msg.key):
-                    seen = last_data_wall.setdefault(p, now)
-                    idle = (now - seen) * 1000 >= idle_ms
-                    closes = engine.due(p, flush_all=idle)
-                    if idle and (closes or engine.open_windows(p)):
-                        log.info(
-                            "partition %d quiet for %.0f s: closing its %d open window(s)",
-                            p,
-                            now - seen,
-                            len(closes),
-                        )
-                    if closes or idle:
-                        await close_windows(p, o, closes)
-                    continue
-                last_data_wall[p] = now
-                counters.messages += 1
-                try:
-                    batch, bad = validate_batch(codec.loads(msg.value))
-                except codec.JSONDecodeError as e:
-                    await dlq(
-                        f"malformed: not JSON ({e})",
-                        msg.value,
-                        (msg.key or b"").decode(errors="replace"),
-                        p,
-                        o,
-                    )
-                    continue
-                except InvalidRecord as e:
-                    await dlq(
-                        f"invalid: {e.reason}", msg.value, (msg.key or b"").decode(errors="replace"), p, o
-                    )
-                    continue
-                source = batch["source"] or f"{batch['site']}/{batch['device']}"
-                for r, reason in bad:
-                    await dlq(
-                        f"invalid: {reason}",
-                        {"site": batch["site"], "device": batch["device"], "reading": r},
-                        source,
-                        p,
-                        o,
-                    )
-                applied = engine.apply(p, o, batch)
-                if applied.skipped:
-                    counters.skipped += 1
-                    continue
-                counters.readings += applied.applied
-                for r, window_end in applied.late:
-                    counters.late += 1
-                    await dlq(
-                        f"late: window ending {window_end} already closed (watermark {engine.watermark(p)})",
-                        {"site": batch["site"], "device": batch["device"], "reading": r},
-                        source,
-                        p,
-                        o,
-                    )
-                if topo.aggregates.latest:
-                    for rd in applied.latest:
-                        await send(
-                            topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"]
-                        )
-                await close_windows(p, o, engine.due(p))
+                await handle(event)
             except Exception as exc:
-                fatal(f"aggregate agent failed on {msg.topic}[{p}]@{o}", exc)
+                msg = event.message
+                fatal(f"aggregate agent failed on {msg.topic}[{msg.partition}]@{msg.offset}", exc)
+            await manual.ack(event)
 
     @app.timer(interval=hb_interval)
     async def heartbeat() -> None:

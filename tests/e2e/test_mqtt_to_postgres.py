@@ -71,7 +71,7 @@ def topology(ns: dict[str, str]) -> dict[str, Any]:
                 "type": "postgres",
                 "dsn": ns["PLANTSTREAM_PG_DSN"],
                 "schema": ns["schema"],
-                "topics": ["agg_1m"],
+                "topics": ["agg_1m", "readings"],
                 "batch_delay": "200ms",
             }
         ],
@@ -304,7 +304,23 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         time.sleep(0)  # rows are final once present; any extra row would show below
         actual = agg_rows(dsn, ns["schema"])
         problems = compare(actual, expected)
+        if problems:
+            dl = read_dlq(ns["PLANTSTREAM_KAFKA"], f"{ns['prefix']}telemetry.dlq", 10**9, 10)
+            n_late = sum(1 for x in dl if x["reason"].startswith("late"))
+            problems.insert(0, f"DLQ holds {n_late} late readings; {len(late)} were sent late on purpose")
         assert problems == [], "\n".join(problems[:30])
+
+        # Raw readings: every valid reading, on time or late, once per (series, ts), whatever the replays.
+        raw_keys = {(s, ts) for s, ts, *_ in on_time} | {(s, ts) for s, ts, _ in late}
+        with psycopg.connect(dsn) as conn:
+            n_raw = wait_for(
+                lambda: (lambda n: n if n >= len(raw_keys) else None)(
+                    conn.execute(f'SELECT count(*) FROM "{ns["schema"]}".readings').fetchone()[0]
+                ),
+                60,
+                f"{len(raw_keys)} rows in readings",
+            )
+        assert n_raw == len(raw_keys)
 
         dlq = read_dlq(
             ns["PLANTSTREAM_KAFKA"], f"{ns['prefix']}telemetry.dlq", len(late) + len(malformed), 120
