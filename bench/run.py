@@ -195,17 +195,35 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         # The clock starts with a running worker, as in production: start-up is not throughput.
         wait_ready(wlog, worker)
         cpu0 = cpu_seconds(worker.pid)
-        p = Producer({"bootstrap.servers": env["PLANTSTREAM_KAFKA"], "linger.ms": 20, "compression.type": "lz4",
-                      "batch.size": 1_048_576, "queue.buffering.max.messages": 500_000})
+        p = Producer(
+            {
+                "bootstrap.servers": env["PLANTSTREAM_KAFKA"],
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                "batch.size": 1_048_576,
+                "queue.buffering.max.messages": 500_000,
+            }
+        )
         n = 0
         start = time.monotonic()
         for site, device, ts, values in workload(args.series, args.readings, args.points):
-            batch = {"v": 1, "source": "bench", "site": site, "device": device,
-                     "readings": [{"point": k, "ts": ts, "value": v, "quality": "good"} for k, v in values.items()]}
+            batch = {
+                "v": 1,
+                "source": "bench",
+                "site": site,
+                "device": device,
+                "readings": [
+                    {"point": k, "ts": ts, "value": v, "quality": "good"} for k, v in values.items()
+                ],
+            }
             while True:
                 try:
-                    p.produce(topo["prefix"] + "telemetry.raw", codec.dumps(batch), f"{site}/{device}".encode(),
-                              timestamp=ts)
+                    p.produce(
+                        topo["prefix"] + "telemetry.raw",
+                        codec.dumps(batch),
+                        f"{site}/{device}".encode(),
+                        timestamp=ts,
+                    )
                     break
                 except BufferError:
                     p.poll(0.05)
@@ -218,8 +236,14 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         stop([worker])
         cleanup(env, topo)
     secs = done - start
-    return {"scenario": "kafka", "readings": n, "seconds": secs, "readings_per_s": n / secs,
-            "worker_cpu_s_per_million": cpu / n * 1e6, "worker_peak_rss_mb": rss}
+    return {
+        "scenario": "kafka",
+        "readings": n,
+        "seconds": secs,
+        "readings_per_s": n / secs,
+        "worker_cpu_s_per_million": cpu / n * 1e6,
+        "worker_peak_rss_mb": rss,
+    }
 
 
 def run_mqtt(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict[str, Any]:

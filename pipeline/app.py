@@ -107,6 +107,9 @@ def build_app(
     state = app.Table("agg-state", default=None, partitions=partitions, key_type=str)
     engine = MinuteAggregator(state, grace_ms=topo.aggregates.grace)
     app.plantstream_engine = engine  # type: ignore[attr-defined]
+    from pipeline.loops_agent import attach_loops  # loop KPIs: their agents; the routing hook is in handle()
+
+    loops = attach_loops(app, topo, counters, fatal)
     idle_ms = topo.aggregates.idle_timeout
     hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
     last_data_wall: dict[int, float] = {}
@@ -200,6 +203,8 @@ def build_app(
                 p,
                 o,
             )
+        if loops is not None and (batch["site"], batch["device"]) in loops.devices:
+            await loops.route(batch, p, o)  # replays too: the loop state drops what it has seen
         applied = engine.apply(p, o, batch)
         if applied.skipped:
             counters.skipped += 1
@@ -224,7 +229,7 @@ def build_app(
         # Manual acks: an event is acknowledged only after it was handled completely. With Faust's
         # automatic acks, an event interrupted by a shutdown was acknowledged and committed although its
         # state had not been written, and a restart skipped it.
-        manual = stream.noack()
+        manual = stream.noack()  # type: ignore[attr-defined]
         async for event in manual.events():
             try:
                 await handle(event)

@@ -18,11 +18,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.topology import TopologyError, Topology, load
+from pipeline.topology import Topology, TopologyError, load
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Stream processing for operational-technology telemetry.")
-services_app = typer.Typer(no_args_is_help=True, help="Local Kafka, PostgreSQL, Mosquitto and InfluxDB under .local/.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Stream processing for operational-technology telemetry."
+)
+services_app = typer.Typer(
+    no_args_is_help=True, help="Local Kafka, PostgreSQL, Mosquitto and InfluxDB under .local/."
+)
 app.add_typer(services_app, name="services")
 console = Console(stderr=True)
 out = Console()
@@ -41,20 +44,27 @@ def _load(path: Path) -> Topology:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 # -- services ----------------------------------------------------------------------------------------
 @services_app.command("up")
-def services_up(names: Annotated[list[str] | None, typer.Argument(help="services (default: all)")] = None,
-                timeout: float = 120.0) -> None:
+def services_up(
+    names: Annotated[list[str] | None, typer.Argument(help="services (default: all)")] = None,
+    timeout: float = 120.0,
+) -> None:
     """Install what is missing and start the local services; waits until each answers."""
     from pipeline import services
 
     try:
-        result = services.up(names or services.SERVICE_NAMES, timeout=timeout,
-                             progress=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+        result = services.up(
+            names or services.SERVICE_NAMES,
+            timeout=timeout,
+            progress=lambda m: console.print(f"[dim]…[/] {m}", highlight=False),
+        )
     except services.ServiceError as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(1) from None
@@ -84,8 +94,14 @@ def services_status() -> None:
     for col in ("service", "running", "healthy", "pid", "endpoint", "log"):
         t.add_column(col)
     for s in services.status():
-        t.add_row(s.name, "yes" if s.running else "no", "[green]yes[/]" if s.healthy else "[red]no[/]",
-                  str(s.pid or ""), s.endpoint, str(s.log_file))
+        t.add_row(
+            s.name,
+            "yes" if s.running else "no",
+            "[green]yes[/]" if s.healthy else "[red]no[/]",
+            str(s.pid or ""),
+            s.endpoint,
+            str(s.log_file),
+        )
     out.print(t)
 
 
@@ -94,8 +110,10 @@ def services_status() -> None:
 def validate(topology: TopologyArg) -> None:
     """Check a topology file; every problem is reported with its path."""
     topo = _load(topology)
-    out.print(f"[green]✓[/] {topology}: topology [bold]{topo.name}[/] is valid "
-              f"({len(topo.sources)} source(s), {len(topo.sinks)} sink(s))")
+    out.print(
+        f"[green]✓[/] {topology}: topology [bold]{topo.name}[/] is valid "
+        f"({len(topo.sources)} source(s), {len(topo.sinks)} sink(s))"
+    )
 
 
 @app.command()
@@ -106,17 +124,19 @@ def deploy(topology: TopologyArg) -> None:
     topo = _load(topology)
     try:
         do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
-    except Exception as e:  # noqa: BLE001 - the user sees the cause, not a traceback
+    except Exception as e:
         console.print(f"[bold red]deploy failed:[/] {e}")
         raise typer.Exit(1) from None
     out.print(f"[green]✓[/] deployed {topo.name}")
 
 
 @app.command()
-def worker(topology: TopologyArg,
-           store: Annotated[str, typer.Option(help="table store: memory:// or rocksdb://")] = "memory://",
-           app_id: Annotated[str | None, typer.Option(help="Faust application id (consumer group)")] = None,
-           loglevel: str = "warning") -> None:
+def worker(
+    topology: TopologyArg,
+    store: Annotated[str, typer.Option(help="table store: memory:// or rocksdb://")] = "memory://",
+    app_id: Annotated[str | None, typer.Option(help="Faust application id (consumer group)")] = None,
+    loglevel: str = "warning",
+) -> None:
     """Run the stream agents: aggregates, latest values, sinks."""
     from faust.worker import Worker
 
@@ -128,9 +148,11 @@ def worker(topology: TopologyArg,
 
 
 @app.command()
-def connect(topology: TopologyArg,
-            source: Annotated[list[str] | None, typer.Option("--source", help="source id (default: all)")] = None,
-            loglevel: str = "info") -> None:
+def connect(
+    topology: TopologyArg,
+    source: Annotated[list[str] | None, typer.Option("--source", help="source id (default: all)")] = None,
+    loglevel: str = "info",
+) -> None:
     """Run the source connectors: field protocols into telemetry.raw."""
     from connectors.common.producer import TelemetryProducer
     from connectors.registry import runner_for
@@ -147,8 +169,12 @@ def connect(topology: TopologyArg,
     threads = []
     runners = []
     for cfg in chosen:
-        prod = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic, client_id=f"plantstream-{cfg.id}")
-        runner = runner_for(cfg.type)(cfg, prod)
+        prod = TelemetryProducer(
+            topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic, client_id=f"plantstream-{cfg.id}"
+        )
+        cls = runner_for(cfg.type)
+        # BACnet runners also execute write commands, which needs the whole topology.
+        runner = cls(cfg, prod, topology=topo) if getattr(cls, "wants_topology", False) else cls(cfg, prod)
         runners.append(runner)
         th = threading.Thread(target=runner.run, args=(stop,), name=f"source-{cfg.id}", daemon=True)
         th.start()
@@ -164,14 +190,34 @@ def connect(topology: TopologyArg,
 
 
 @app.command()
-def simulate(topology: TopologyArg, duration: Annotated[float | None, typer.Option(help="seconds")] = None) -> None:
-    """Publish simulated devices to the topology's MQTT source."""
+def simulate(
+    topology: TopologyArg, duration: Annotated[float | None, typer.Option(help="seconds")] = None
+) -> None:
+    """Simulated devices: the OPC UA plant and BACnet units the sources need, and MQTT publishing."""
+    from connectors.sim import devices
     from connectors.sim.mqtt_publisher import run_simulation
 
     topo = _load(topology)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        servers = devices.start(list(topo.sources), Path(".local") / "sim")
+    except (RuntimeError, OSError) as e:
+        console.print(f"[bold red]simulate failed:[/] {e}")
+        raise typer.Exit(1) from None
+    for kind, address, _ in devices.plan(list(topo.sources)):
+        console.print(f"simulated {'OPC UA plant' if kind == 'opcua' else 'BACnet AHU'} at {address}")
+    if topo.simulate is None:
+        if not servers:
+            console.print(
+                "[bold red]simulate failed:[/] the topology has no 'simulate' section and no "
+                "OPC UA or BACnet source on this machine"
+            )
+            raise typer.Exit(1)
+        stop.wait(duration)
+        devices.stop(servers)
+        return
     last = [time.monotonic()]
 
     def tick(n: int) -> None:
@@ -179,18 +225,116 @@ def simulate(topology: TopologyArg, duration: Annotated[float | None, typer.Opti
             last[0] = time.monotonic()
             console.print(f"[dim]simulator: {n} messages published[/]")
 
+    loop_sim = None
+    if topo.simulate.loops:  # simulated control loops beside the devices (connectors/sim/loop_publisher.py)
+        from connectors.sim.loop_publisher import run_loop_simulation
+
+        last_loops = [time.monotonic()]
+
+        def tick_loops(n: int) -> None:
+            if time.monotonic() - last_loops[0] >= 10:
+                last_loops[0] = time.monotonic()
+                console.print(f"[dim]loop simulator: {n} loop samples published[/]")
+
+        loop_sim = threading.Thread(
+            target=run_loop_simulation,
+            args=(topo, stop, duration),
+            kwargs={"on_tick": tick_loops},
+            daemon=True,
+        )
+        loop_sim.start()
     try:
         n = run_simulation(topo, stop, duration, on_tick=tick)
     except (ValueError, OSError) as e:
         console.print(f"[bold red]simulate failed:[/] {e}")
         raise typer.Exit(1) from None
+    finally:
+        devices.stop(servers)
+        if loop_sim is not None:
+            stop.set()
+            loop_sim.join(60)
     console.print(f"simulator: {n} messages published")
+
+
+def _default_topology() -> Path:
+    return Path(os.environ.get("PLANTSTREAM_TOPOLOGY", "topologies/building.yaml"))
+
+
+def _command(
+    topology: Path, point: str, value: float | None, priority: int, by: str | None, wait: float
+) -> None:
+    from confluent_kafka import KafkaException
+
+    from pipeline.commands import make_command, send_command
+
+    topo = _load(topology)
+    requested_by = by or f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
+    cmd = make_command(point, value, priority, requested_by)
+    try:
+        result = send_command(topo, cmd, wait=wait or None)
+    except KafkaException as e:
+        console.print(f"[bold red]not sent:[/] {e.args[0].str() if e.args else e}")
+        raise typer.Exit(2) from None
+    what = "relinquish" if value is None else f"write {value:g}"
+    if not wait:
+        out.print(f"sent {cmd['id']}: {what} on {point} at priority {priority}")
+        return
+    if result is None:
+        console.print(
+            f"[yellow]no result for {cmd['id']} within {wait:g}s[/] (is `plantstream connect` running?)"
+        )
+        raise typer.Exit(2)
+    if result["status"] == "accepted":
+        out.print(f"[green]accepted[/] {cmd['id']}: {what} on {point} at priority {priority}", soft_wrap=True)
+        return
+    console.print(
+        f"[bold red]{result['status']}[/] {cmd['id']}: {result['error']}", highlight=False, soft_wrap=True
+    )
+    raise typer.Exit(1)
+
+
+PriorityOpt = Annotated[int, typer.Option("--priority", min=1, max=16, help="BACnet priority 1-16")]
+TopologyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--topology", "-t", help="topology file (default: $PLANTSTREAM_TOPOLOGY or topologies/building.yaml)"
+    ),
+]
+ByOpt = Annotated[str | None, typer.Option("--by", help="who asks (default: user@host)")]
+WaitOpt = Annotated[float, typer.Option("--wait", help="seconds to wait for the result; 0: do not wait")]
+
+
+@app.command()
+def write(
+    point: Annotated[str, typer.Argument(help="series id site/device/point")],
+    value: Annotated[float, typer.Argument(help="the value to write")],
+    priority: PriorityOpt = 8,
+    topology: TopologyOpt = None,
+    by: ByOpt = None,
+    wait: WaitOpt = 30.0,
+) -> None:
+    """Write a BACnet point's presentValue at a priority (a WriteCommand on commands.bacnet)."""
+    _command(topology or _default_topology(), point, value, priority, by, wait)
+
+
+@app.command()
+def relinquish(
+    point: Annotated[str, typer.Argument(help="series id site/device/point")],
+    priority: PriorityOpt = 8,
+    topology: TopologyOpt = None,
+    by: ByOpt = None,
+    wait: WaitOpt = 30.0,
+) -> None:
+    """Relinquish a BACnet point's command at a priority (write null there)."""
+    _command(topology or _default_topology(), point, None, priority, by, wait)
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args], stdout=fh, stderr=subprocess.STDOUT
+    )
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -210,8 +354,10 @@ def run(topology: TopologyArg) -> None:
     """Connectors and worker together; Ctrl-C stops both."""
     _load(topology)
     logs = Path(".local") / "run"
-    procs = [_spawn(["connect", str(topology)], logs / "connect.log"),
-             _spawn(["worker", str(topology)], logs / "worker.log")]
+    procs = [
+        _spawn(["connect", str(topology)], logs / "connect.log"),
+        _spawn(["worker", str(topology)], logs / "worker.log"),
+    ]
     console.print(f"connectors and worker running; logs in {logs}/ — Ctrl-C to stop")
     try:
         while all(p.poll() is None for p in procs):
@@ -228,8 +374,10 @@ def _fmt(v: Any) -> str:
 
 
 @app.command()
-def demo(topology: TopologyArg = Path("topologies/demo.yaml"),
-         minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None) -> None:
+def demo(
+    topology: TopologyArg = Path("topologies/demo.yaml"),
+    minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None,
+) -> None:
     """Services up, deploy, then simulator + connector + worker with a live table of 1-minute aggregates."""
     from confluent_kafka import Consumer
 
@@ -245,29 +393,51 @@ def demo(topology: TopologyArg = Path("topologies/demo.yaml"),
     topo = _load(topology)
     do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
     logs = Path(".local") / "demo"
-    procs = [_spawn(["simulate", str(topology)], logs / "simulate.log"),
-             _spawn(["connect", str(topology)], logs / "connect.log"),
-             _spawn(["worker", str(topology)], logs / "worker.log")]
+    procs = [
+        _spawn(["simulate", str(topology)], logs / "simulate.log"),
+        _spawn(["connect", str(topology)], logs / "connect.log"),
+        _spawn(["worker", str(topology)], logs / "worker.log"),
+    ]
     dsn = topo.sinks[0].dsn if topo.sinks else ""
-    console.print(f"simulator, connector and worker started (logs in {logs}/). Aggregates appear once the first "
-                  f"minute closes. In PostgreSQL:\n  psql '{dsn}' -c 'SELECT bucket, series, count, mean, min, max "
-                  f"FROM agg_1m ORDER BY bucket DESC, series LIMIT 20'\nCtrl-C stops everything.")
-    consumer = Consumer({"bootstrap.servers": topo.broker.bootstrap, "group.id": f"plantstream-demo-{os.getpid()}",
-                         "auto.offset.reset": "latest", "enable.auto.commit": False})
+    console.print(
+        f"simulator, connector and worker started (logs in {logs}/). Aggregates appear once the first "
+        f"minute closes. In PostgreSQL:\n  psql '{dsn}' -c 'SELECT bucket, series, count, mean, min, max "
+        f"FROM agg_1m ORDER BY bucket DESC, series LIMIT 20'\nCtrl-C stops everything."
+    )
+    consumer = Consumer(
+        {
+            "bootstrap.servers": topo.broker.bootstrap,
+            "group.id": f"plantstream-demo-{os.getpid()}",
+            "auto.offset.reset": "latest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topo.agg_topic])
     latest: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
 
     def render() -> Table:
-        t = Table(title=f"plantstream demo — latest 1-minute aggregates ({len(latest)} series)",
-                  caption=f"running {int(time.monotonic() - started)} s · Ctrl-C to stop")
+        t = Table(
+            title=f"plantstream demo — latest 1-minute aggregates ({len(latest)} series)",
+            caption=f"running {int(time.monotonic() - started)} s · Ctrl-C to stop",
+        )
         for col in ("minute (UTC)", "series", "count", "mean", "min", "max", "last", "stddev", "unit"):
-            t.add_column(col, justify="right" if col in ("count", "mean", "min", "max", "last", "stddev") else "left")
+            t.add_column(
+                col, justify="right" if col in ("count", "mean", "min", "max", "last", "stddev") else "left"
+            )
         for s in sorted(latest)[:40]:
             a = latest[s]
-            t.add_row(datetime.fromtimestamp(a["window_start"] / 1000, UTC).strftime("%H:%M"), s, str(a["count"]),
-                      _fmt(a["mean"]), _fmt(a["min"]), _fmt(a["max"]), _fmt(a["last"]), _fmt(a["stddev"]),
-                      a.get("unit") or "")
+            t.add_row(
+                datetime.fromtimestamp(a["window_start"] / 1000, UTC).strftime("%H:%M"),
+                s,
+                str(a["count"]),
+                _fmt(a["mean"]),
+                _fmt(a["min"]),
+                _fmt(a["max"]),
+                _fmt(a["last"]),
+                _fmt(a["stddev"]),
+                a.get("unit") or "",
+            )
         return t
 
     try:

@@ -17,6 +17,9 @@ The audit sink (:func:`attach_command_sink`) writes each result as a row of ``wr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import logging
 import math
 import threading
@@ -84,9 +87,12 @@ def parse_command(obj: Any) -> WriteCommand:
     if not isinstance(point, str) or point.count("/") < 2 or not all(point.split("/", 2)):
         raise InvalidCommand(f"invalid: point must be a series id site/device/point, got {point!r:.80}", obj)
     value = obj.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                              or not math.isfinite(value)):
-        raise InvalidCommand(f"invalid: value must be a finite number or null (relinquish), got {value!r:.40}", obj)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+    ):
+        raise InvalidCommand(
+            f"invalid: value must be a finite number or null (relinquish), got {value!r:.40}", obj
+        )
     prio = obj.get("priority")
     if isinstance(prio, bool) or not isinstance(prio, int) or not 1 <= prio <= 16:
         raise InvalidCommand(f"invalid: priority must be an integer 1-16, got {prio!r:.20}", obj)
@@ -96,26 +102,47 @@ def parse_command(obj: Any) -> WriteCommand:
     ts = obj.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, int):
         raise InvalidCommand("invalid: ts must be epoch milliseconds", obj)
-    return {"id": cid, "point": point, "value": None if value is None else float(value), "priority": prio,
-            "requested_by": by, "ts": ts}
+    return {
+        "id": cid,
+        "point": point,
+        "value": None if value is None else float(value),
+        "priority": prio,
+        "requested_by": by,
+        "ts": ts,
+    }
 
 
 def make_command(point: str, value: float | None, priority: int, requested_by: str) -> WriteCommand:
-    return parse_command({"id": uuid.uuid4().hex, "point": point, "value": value, "priority": priority,
-                          "requested_by": requested_by, "ts": now_ms()})
+    return parse_command(
+        {
+            "id": uuid.uuid4().hex,
+            "point": point,
+            "value": value,
+            "priority": priority,
+            "requested_by": requested_by,
+            "ts": now_ms(),
+        }
+    )
 
 
-def result_for(cmd: WriteCommand | dict[str, Any], status: Status, error: str | None,
-               source: str | None) -> CommandResult:
+def result_for(
+    cmd: WriteCommand | dict[str, Any], status: Status, error: str | None, source: str | None
+) -> CommandResult:
     value = cmd.get("value")
     prio = cmd.get("priority")
     ts = cmd.get("ts")
-    return {"id": str(cmd.get("id")), "point": str(cmd.get("point")),
-            "value": float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None,
-            "priority": prio if isinstance(prio, int) and not isinstance(prio, bool) else 0,
-            "requested_by": str(cmd.get("requested_by") or "unknown"),
-            "requested_at": ts if isinstance(ts, int) and not isinstance(ts, bool) else now_ms(),
-            "status": status, "error": error, "completed_at": now_ms(), "source": source}
+    return {
+        "id": str(cmd.get("id")),
+        "point": str(cmd.get("point")),
+        "value": float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None,
+        "priority": prio if isinstance(prio, int) and not isinstance(prio, bool) else 0,
+        "requested_by": str(cmd.get("requested_by") or "unknown"),
+        "requested_at": ts if isinstance(ts, int) and not isinstance(ts, bool) else now_ms(),
+        "status": status,
+        "error": error,
+        "completed_at": now_ms(),
+        "source": source,
+    }
 
 
 # -- policy ----------------------------------------------------------------------------------------------
@@ -141,7 +168,9 @@ class WritePolicy:
                 continue
             self.bacnet_sources.append(s.id)
             for series, (_dev, p) in s.configured_points().items():
-                self.targets[series] = Target(s.id, series, p.object, p.writable, p.min, p.max, s.priority_floor)
+                self.targets[series] = Target(
+                    s.id, series, p.object, p.writable, p.min, p.max, s.priority_floor
+                )
 
     def owner(self, point: str) -> str | None:
         """The source that answers commands for ``point``: its own, or the first BACnet source."""
@@ -156,9 +185,11 @@ class WritePolicy:
         if t is None or not t.writable:
             return f"point {cmd['point']} is not writable: the topology does not mark it writable"
         if cmd["priority"] < t.priority_floor:
-            return (f"priority {cmd['priority']} is above the priority floor {t.priority_floor}: priorities 1-7 "
-                    "are for life safety and manual operators; use a number from "
-                    f"{t.priority_floor} to 16")
+            return (
+                f"priority {cmd['priority']} is above the priority floor {t.priority_floor}: priorities 1-7 "
+                "are for life safety and manual operators; use a number from "
+                f"{t.priority_floor} to 16"
+            )
         v = cmd["value"]
         if v is not None:
             if t.min is not None and v < t.min:
@@ -172,7 +203,10 @@ class WritePolicy:
                 return f"value {v:g} is not a state number (1, 2, ...), as a multi-state point needs"
         age = now - cmd["ts"]
         if age > max_age_ms:
-            return f"expired: requested {age / 1000:.0f}s ago; commands older than {max_age_ms / 1000:.0f}s do not run"
+            return (
+                f"expired: requested {age / 1000:.0f}s ago; commands older than {max_age_ms / 1000:.0f}s "
+                "do not run"
+            )
         return None
 
 
@@ -206,26 +240,50 @@ class CommandExecutor:
         self.ready = threading.Event()
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
+        # One thread for every blocking Kafka call: librdkafka aborts the process when a consumer is
+        # closed while another thread is still inside consume(), which a cancelled await would allow.
+        self._kafka_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"commands-{source_id}"
+        )
 
-    # Blocking Kafka calls run on worker threads so the source's event loop (polls, COV) keeps going.
+    async def _blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._kafka_thread, functools.partial(fn, *args, **kwargs))
+
+    # Blocking Kafka calls run on their own thread so the source's event loop (polls, COV) keeps going.
     async def run(self, stop: threading.Event, execute: Execute) -> None:
         bootstrap = self.topo.broker.bootstrap
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 2,
-                                   "client.id": f"plantstream-commands-{self.source_id}"})
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": self.group,
-                                   "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "client.id": f"plantstream-commands-{self.source_id}",
+            }
+        )
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": self.group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
         try:
             while not stop.is_set():
                 try:
-                    await asyncio.to_thread(self._prepare)
+                    await self._blocking(self._prepare)
                     break
                 except KafkaException as e:
-                    log.warning("source %s: command topics not ready (%s); run `plantstream deploy`; retrying",
-                                self.source_id, e)
+                    log.warning(
+                        "source %s: command topics not ready (%s); run `plantstream deploy`; retrying",
+                        self.source_id,
+                        e,
+                    )
                     await asyncio.sleep(5)
             self.ready.set()
             while not stop.is_set():
-                msgs = await asyncio.to_thread(self._consumer.consume, 50, 0.2)
+                msgs = await self._blocking(self._consumer.consume, 50, 0.2)
                 for msg in msgs:
                     if msg.error() is None:
                         await self._handle(msg, execute)
@@ -233,14 +291,18 @@ class CommandExecutor:
                         log.warning("source %s: command consumer: %s", self.source_id, msg.error())
                 self._producer.poll(0)
         finally:
-            await asyncio.to_thread(self._producer.flush, 10)
-            await asyncio.to_thread(self._consumer.close)
+            await self._blocking(self._producer.flush, 10)
+            await self._blocking(self._consumer.close)
+            self._kafka_thread.shutdown(wait=True)
 
     def _prepare(self) -> None:
         """Learn the ids already answered, report claims left without a result, then start consuming."""
         assert self._consumer is not None
-        self.executed |= {r.get("id") for r in _read_all(self.topo.broker.bootstrap, self.topo.results_topic)
-                          if isinstance(r, dict)}
+        self.executed |= {
+            r["id"]
+            for r in _read_all(self.topo.broker.bootstrap, self.topo.results_topic)
+            if isinstance(r, dict) and isinstance(r.get("id"), str)
+        }
         topic = self.topo.commands_topic
         meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -250,8 +312,12 @@ class CommandExecutor:
         for tp in committed:
             if tp.offset > 0:
                 self._recover(tp)
-        self._consumer.assign([TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                               for tp in committed])
+        self._consumer.assign(
+            [
+                TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                for tp in committed
+            ]
+        )
 
     def _recover(self, tp: TopicPartition) -> None:
         """The last claimed command of a partition: was it answered? If not, it was interrupted."""
@@ -265,10 +331,22 @@ class CommandExecutor:
         if cmd["id"] in self.executed or self.policy.owner(cmd["point"]) != self.source_id:
             return
         self.stats.interrupted += 1
-        log.error("source %s: command %s on %s was claimed but never answered (the executor stopped); "
-                  "reporting it failed, it is not run again", self.source_id, cmd["id"], cmd["point"])
-        self._publish(result_for(cmd, "failed", "interrupted: the executor stopped after claiming the command; "
-                                                "whether the device received it is unknown", self.source_id))
+        log.error(
+            "source %s: command %s on %s was claimed but never answered (the executor stopped); "
+            "reporting it failed, it is not run again",
+            self.source_id,
+            cmd["id"],
+            cmd["point"],
+        )
+        self._publish(
+            result_for(
+                cmd,
+                "failed",
+                "interrupted: the executor stopped after claiming the command; "
+                "whether the device received it is unknown",
+                self.source_id,
+            )
+        )
         self.executed.add(cmd["id"])
         assert self._producer is not None
         self._producer.flush(10)
@@ -293,8 +371,13 @@ class CommandExecutor:
         reason = self.policy.check(cmd, now_ms(), self.max_age_ms)
         if reason is not None:
             self.stats.rejected += 1
-            log.warning("source %s: command %s from %s rejected: %s", self.source_id, cmd["id"],
-                        cmd["requested_by"], reason)
+            log.warning(
+                "source %s: command %s from %s rejected: %s",
+                self.source_id,
+                cmd["id"],
+                cmd["requested_by"],
+                reason,
+            )
             await self._answer(result_for(cmd, "rejected", reason, self.source_id))
             await self._commit(msg)
             return
@@ -303,15 +386,27 @@ class CommandExecutor:
         what = "relinquish" if cmd["value"] is None else f"write {cmd['value']:g}"
         try:
             await execute(cmd["point"], cmd["value"], cmd["priority"])
-        except Exception as e:  # noqa: BLE001 - the device's answer (or silence) goes into the result
+        except Exception as e:
             self.stats.failed += 1
-            log.warning("source %s: %s at priority %d on %s failed: %s", self.source_id, what, cmd["priority"],
-                        cmd["point"], e)
+            log.warning(
+                "source %s: %s at priority %d on %s failed: %s",
+                self.source_id,
+                what,
+                cmd["priority"],
+                cmd["point"],
+                e,
+            )
             await self._answer(result_for(cmd, "failed", str(e) or type(e).__name__, self.source_id))
             return
         self.stats.accepted += 1
-        log.info("source %s: %s at priority %d on %s for %s: accepted", self.source_id, what, cmd["priority"],
-                 cmd["point"], cmd["requested_by"])
+        log.info(
+            "source %s: %s at priority %d on %s for %s: accepted",
+            self.source_id,
+            what,
+            cmd["priority"],
+            cmd["point"],
+            cmd["requested_by"],
+        )
         await self._answer(result_for(cmd, "accepted", None, self.source_id))
 
     async def _invalid(self, msg: Any, e: Exception) -> None:
@@ -326,32 +421,47 @@ class CommandExecutor:
                 await self._answer(result_for(raw, "rejected", reason, self.source_id))
             else:  # without an id there is nobody to answer: keep it where rejected input goes
                 assert self._producer is not None
-                dl = dead_letter(f"commands:{self.source_id}", reason, msg.value(), topic=msg.topic(),
-                                 partition=msg.partition(), offset=msg.offset())
+                dl = dead_letter(
+                    f"commands:{self.source_id}",
+                    reason,
+                    msg.value(),
+                    topic=msg.topic(),
+                    partition=msg.partition(),
+                    offset=msg.offset(),
+                )
                 self._producer.produce(self.topo.dlq_topic, codec.dumps(dl), self.source_id.encode())
         await self._commit(msg)
 
     def _publish(self, result: CommandResult) -> None:
         assert self._producer is not None
-        self._producer.produce(self.topo.results_topic, codec.dumps(result), result["point"].encode(),
-                               timestamp=result["completed_at"])
+        self._producer.produce(
+            self.topo.results_topic,
+            codec.dumps(result),
+            result["point"].encode(),
+            timestamp=result["completed_at"],
+        )
 
     async def _answer(self, result: CommandResult) -> None:
         self.executed.add(result["id"])
         self._publish(result)
         assert self._producer is not None
-        await asyncio.to_thread(self._producer.flush, 10)
+        await self._blocking(self._producer.flush, 10)
 
     async def _commit(self, msg: Any) -> None:
         assert self._consumer is not None
         tp = TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)
-        await asyncio.to_thread(self._consumer.commit, offsets=[tp], asynchronous=False)
+        await self._blocking(self._consumer.commit, offsets=[tp], asynchronous=False)
 
 
 def _read_all(bootstrap: str, topic: str, timeout: float = 15.0) -> list[Any]:
     """Every record of ``topic`` from the beginning to its current end (small topics: results)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plantstream-reader-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"plantstream-reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         meta = c.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
@@ -371,10 +481,8 @@ def _read_all(bootstrap: str, topic: str, timeout: float = 15.0) -> list[Any]:
             for m in c.consume(500, 0.5):
                 if m.error() is not None:
                     continue
-                try:
+                with contextlib.suppress(codec.JSONDecodeError):
                     out.append(codec.loads(m.value()))
-                except codec.JSONDecodeError:
-                    pass
                 if m.offset() + 1 >= pending.get(m.partition(), 0):
                     pending.pop(m.partition(), None)
         return out
@@ -383,8 +491,13 @@ def _read_all(bootstrap: str, topic: str, timeout: float = 15.0) -> list[Any]:
 
 
 def _read_one(bootstrap: str, topic: str, partition: int, offset: int) -> bytes | None:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plantstream-reader-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"plantstream-reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         c.assign([TopicPartition(topic, partition, offset)])
         for _ in range(20):
@@ -402,13 +515,22 @@ def send_command(topo: Topology, cmd: WriteCommand, wait: float | None = 30.0) -
     bootstrap = topo.broker.bootstrap
     watcher = None
     if wait:
-        watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plantstream-cli-{uuid.uuid4().hex}",
-                            "enable.auto.commit": False})
+        watcher = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"plantstream-cli-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+            }
+        )
         meta = watcher.list_topics(topo.results_topic, timeout=10).topics.get(topo.results_topic)
         if meta is None or meta.error is not None:
             watcher.close()
-            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART,
-                                            f"{topo.results_topic} does not exist: run `plantstream deploy` first"))
+            raise KafkaException(
+                KafkaError(
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    f"{topo.results_topic} does not exist: run `plantstream deploy` first",
+                )
+            )
         starts = []
         for p in meta.partitions:
             _lo, hi = watcher.get_watermark_offsets(TopicPartition(topo.results_topic, p), timeout=10)
@@ -438,7 +560,9 @@ def has_commands(topo: Topology) -> bool:
     return any(isinstance(s, BacnetSource) for s in topo.sources)
 
 
-def attach_command_sink(app: Any, topo: Topology, counters: Any, fatal: Callable[[str, BaseException], None]) -> None:
+def attach_command_sink(
+    app: Any, topo: Topology, counters: Any, fatal: Callable[[str, BaseException], None]
+) -> None:
     """For every PostgreSQL sink: commands.results into write_commands, acked after the commit."""
     if not has_commands(topo):
         return
@@ -450,14 +574,23 @@ def attach_command_sink(app: Any, topo: Topology, counters: Any, fatal: Callable
         _attach_one(app, topo, sink, counters, fatal, CommandAuditWriter(sink.dsn, sink.schema_name), row_of)
 
 
-def _attach_one(app: Any, topo: Topology, sink: Any, counters: Any, fatal: Callable[[str, BaseException], None],
-                writer: Any, row_of: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:
-    topic = app.topic(topo.results_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                      value_serializer="raw")
+def _attach_one(
+    app: Any,
+    topo: Topology,
+    sink: Any,
+    counters: Any,
+    fatal: Callable[[str, BaseException], None],
+    writer: Any,
+    row_of: Callable[[dict[str, Any]], tuple[Any, ...]],
+) -> None:
+    topic = app.topic(
+        topo.results_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
 
     async def dlq(reason: str, value: bytes, msg: Any) -> None:
-        dl = dead_letter(sink.id, reason, value, topic=topo.results_topic, partition=msg.partition,
-                         offset=msg.offset)
+        dl = dead_letter(
+            sink.id, reason, value, topic=topo.results_topic, partition=msg.partition, offset=msg.offset
+        )
         await app.producer.send(topo.dlq_topic, sink.id.encode(), codec.dumps(dl), None, None, None)
 
     @app.agent(topic, name=f"sink-{sink.id}-write_commands", concurrency=1)
@@ -480,5 +613,5 @@ def _attach_one(app: Any, topo: Topology, sink: Any, counters: Any, fatal: Calla
                 counters.sink_rows["write_commands"] = counters.sink_rows.get("write_commands", 0) + len(rows)
                 for ev in events:
                     await stream.ack(ev)
-            except Exception as exc:  # noqa: BLE001 - unacked batch; stop so it is read again
+            except Exception as exc:
                 fatal(f"sink {sink.id} (write_commands) failed", exc)

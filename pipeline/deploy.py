@@ -23,12 +23,43 @@ class TopicSpec:
 def topic_specs(topo: Topology) -> list[TopicSpec]:
     n = topo.broker.partitions
     return [
-        TopicSpec(topo.raw_topic, n, {"retention.ms": str(topo.broker.raw_retention),
-                                      "compression.type": "producer"}),
+        TopicSpec(
+            topo.raw_topic,
+            n,
+            {"retention.ms": str(topo.broker.raw_retention), "compression.type": "producer"},
+        ),
         TopicSpec(topo.dlq_topic, 1, {"retention.ms": str(30 * DAY_MS)}),
         TopicSpec(topo.agg_topic, n, {"retention.ms": str(30 * DAY_MS)}),
-        TopicSpec(topo.latest_topic, n, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
-                                         "segment.ms": str(3_600_000)}),
+        TopicSpec(
+            topo.latest_topic,
+            n,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3_600_000)},
+        ),
+        *_command_topics(topo),
+        *_loop_topics(topo),
+    ]
+
+
+def _loop_topics(topo: Topology) -> list[TopicSpec]:
+    """loops.samples (loop tags keyed by loop id) and loops.kpi, where the topology has loops."""
+    if not topo.loops:
+        return []
+    n = topo.broker.partitions
+    return [
+        TopicSpec(topo.loop_samples_topic, n, {"retention.ms": str(topo.broker.raw_retention)}),
+        TopicSpec(topo.loop_kpi_topic, n, {"retention.ms": str(365 * DAY_MS)}),
+    ]
+
+
+def _command_topics(topo: Topology) -> list[TopicSpec]:
+    """commands.bacnet and commands.results, where the topology has BACnet sources to write through."""
+    from pipeline.commands import has_commands
+
+    if not has_commands(topo):
+        return []
+    return [
+        TopicSpec(topo.commands_topic, topo.broker.partitions, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(topo.results_topic, topo.broker.partitions, {"retention.ms": str(365 * DAY_MS)}),
     ]
 
 
@@ -40,8 +71,14 @@ def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[st
     new = []
     for spec in topic_specs(topo):
         if spec.name not in existing:
-            new.append(NewTopic(spec.name, num_partitions=spec.partitions,
-                                replication_factor=topo.broker.replication, config=spec.config))
+            new.append(
+                NewTopic(
+                    spec.name,
+                    num_partitions=spec.partitions,
+                    replication_factor=topo.broker.replication,
+                    config=spec.config,
+                )
+            )
             continue
         have = len(existing[spec.name].partitions)
         if have < spec.partitions:
@@ -60,9 +97,19 @@ def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[st
 def deploy(topo: Topology, say: Callable[[str], None] = print) -> dict[str, str]:
     out = {f"topic {k}": v for k, v in ensure_topics(topo, say).items()}
     for sink in topo.sinks:
-        tables = create_schema(sink.dsn, sink.schema_name, tuple(sorted(set(sink.topics))),
-                               retention_days=(sink.retention // DAY_MS) if sink.retention else None)
+        tables = create_schema(
+            sink.dsn,
+            sink.schema_name,
+            tuple(sorted(set(sink.topics))),
+            retention_days=(sink.retention // DAY_MS) if sink.retention else None,
+        )
         for table, kind in tables.items():
             say(f"sink {sink.id}: table {sink.schema_name}.{table} ready ({kind})")
             out[f"table {sink.schema_name}.{table}"] = kind
+        if _command_topics(topo):
+            from connectors.timescale.commands import create_table
+
+            create_table(sink.dsn, sink.schema_name)
+            say(f"sink {sink.id}: table {sink.schema_name}.write_commands ready (audit of BACnet writes)")
+            out[f"table {sink.schema_name}.write_commands"] = "plain"
     return out

@@ -67,7 +67,15 @@ def attach_sinks(
 ) -> None:
     for sink in topo.sinks:
         for table in sink.topics:
+            if table == "kpi_results":  # loops.kpi: its own rows and writer
+                from pipeline.loops_agent import attach_kpi_sink
+
+                attach_kpi_sink(app, topo, sink, counters, fatal)
+                continue
             _attach_postgres(app, topo, sink, table, counters, fatal)
+    from pipeline.commands import attach_command_sink  # the write_commands audit, where BACnet writes exist
+
+    attach_command_sink(app, topo, counters, fatal)
 
 
 def _attach_postgres(
@@ -133,7 +141,7 @@ def _attach_postgres(
                         )
                 for ev in events:
                     await stream.ack(ev)
-            except Exception as exc:  # noqa: BLE001 - unacked batch; stop so it is read again
+            except Exception as exc:
                 fatal(f"sink {sink.id} ({table}) failed", exc)
 
 

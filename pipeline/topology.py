@@ -14,11 +14,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -47,20 +49,26 @@ def parse_duration_ms(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError("expected a duration such as 500ms, 10s, 1m or a number of seconds")
     if isinstance(v, int | float):
-        return int(round(v * 1000))
+        return round(v * 1000)
     if isinstance(v, str):
         m = _DURATION.match(v)
         if m:
-            return int(round(float(m.group(1)) * _UNIT_MS[m.group(2)]))
+            return round(float(m.group(1)) * _UNIT_MS[m.group(2)])
     raise ValueError("expected a duration such as 500ms, 10s, 1m or a number of seconds")
 
 
 DurationMs = Annotated[
     int,
     BeforeValidator(parse_duration_ms),
-    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
-                              {"type": "number", "minimum": 0}],
-                    "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds"}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds",
+        }
+    ),
 ]
 
 
@@ -149,8 +157,12 @@ SOURCE_MODELS: dict[str, type[BaseModel]] = {"opcua": OpcUaSource, "bacnet": Bac
 
 class Aggregates(_Model):
     window: Literal["1m"] = "1m"
-    grace: DurationMs = Field(10_000, description="how far behind the highest event time a reading may arrive")
-    idle_timeout: DurationMs = Field(30_000, description="wall-clock quiet time after which a partition's windows close")
+    grace: DurationMs = Field(
+        10_000, description="how far behind the highest event time a reading may arrive"
+    )
+    idle_timeout: DurationMs = Field(
+        30_000, description="wall-clock quiet time after which a partition's windows close"
+    )
     latest: bool = Field(True, description="keep the compacted telemetry.latest topic")
 
     @field_validator("grace")
@@ -168,7 +180,7 @@ class Aggregates(_Model):
         return v
 
 
-SINK_TOPICS = ("agg_1m", "readings")
+SINK_TOPICS = ("agg_1m", "readings", "kpi_results")
 
 
 class PostgresSink(_Model):
@@ -176,7 +188,10 @@ class PostgresSink(_Model):
     type: Literal["postgres"]
     dsn: str = Field("postgresql://plantstream:plantstream@127.0.0.1:55432/plantstream", repr=False)
     schema_name: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")
-    topics: list[Literal["agg_1m", "readings"]] = Field(default_factory=lambda: ["agg_1m"], min_length=1)  # type: ignore[arg-type]
+    topics: list[Literal["agg_1m", "readings", "kpi_results"]] = Field(
+        default_factory=lambda: ["agg_1m"],  # type: ignore[arg-type]
+        min_length=1,
+    )
     batch_size: int = Field(2000, ge=1, le=100_000)
     batch_delay: DurationMs = Field(500)
     retention: DurationMs | None = Field(None, description="drop data older than this (default: keep)")
@@ -194,6 +209,418 @@ class PostgresSink(_Model):
 Sink = Annotated[PostgresSink, Field(discriminator="type")]
 
 
+# -- control loops (loop KPIs, KPI_SPEC.md) --------------------------------------------------------
+
+LOOP_TAGS = ("pv", "sp", "op", "mode")
+LOOP_SCENARIOS = (
+    "well_tuned",
+    "aggressive",
+    "sticky_valve",
+    "saturated",
+    "mostly_manual",
+    "external_disturbance",
+)
+# Samples a loop's analysis horizon may hold: its state record (float32 arrays, base64) stays under ~300 kB.
+MAX_HORIZON_SAMPLES = 16_384
+DEFAULT_HORIZON_SAMPLES = 4_096  # enough for every KPI, bicoherence included (KPI_SPEC §0)
+THRESHOLD_GROUPS = ("gate", "service", "hagglund", "acf", "harris", "stiction", "valve", "step")
+
+
+def fmt_ms(ms: int) -> str:
+    """A duration in the units a topology uses: 1h, 15m, 90s, 250ms."""
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms >= size and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms / 1000:g}s" if ms >= 1000 else f"{ms}ms"
+
+
+def _series_id(v: str) -> str:
+    if v != v.strip() or not re.fullmatch(r"[^/]+/[^/]+/.+", v):
+        raise ValueError("expected a series id site/device/point, e.g. plant1/tic101/pv")
+    return v
+
+
+SeriesId = Annotated[
+    str,
+    AfterValidator(_series_id),
+    WithJsonSchema(
+        {"type": "string", "pattern": "^[^/]+/[^/]+/.+$", "description": "series id site/device/point"}
+    ),
+]
+
+
+def _expected(hint: Any, v: Any) -> str | None:
+    """What a KPI parameter of type ``hint`` needs, or None when ``v`` fits."""
+    import math
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if v is None and type(None) in args:
+            return None
+        wants = [_expected(a, v) for a in args if a is not type(None)]
+        return (
+            None
+            if None in wants
+            else " or ".join(w for w in wants if w) + (" or null" if type(None) in args else "")
+        )
+    if origin is Literal:
+        return None if v in args else "one of " + ", ".join(map(str, args))
+    if hint is bool:
+        return None if isinstance(v, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(v, int) and not isinstance(v, bool) else "a whole number"
+    if hint is float:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return None if ok else "a number"
+    if hint is str:
+        return None if isinstance(v, str) else "a string"
+    if origin in (frozenset, set, list, tuple):
+        return None if isinstance(v, list) and all(isinstance(x, str | int) for x in v) else "a list"
+    return None
+
+
+def _threshold_group(group: str, params: dict[str, Any]) -> None:
+    """Check one group of KPI parameters against its configuration class in pipeline.kpi."""
+    import dataclasses
+    import typing
+
+    from pipeline.kpi import LoopConfig  # numpy: imported only for topologies with loops
+
+    cls = typing.get_type_hints(LoopConfig)[group]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = []
+    for k, v in params.items():
+        if k not in hints:
+            problems.append(f"unknown parameter {k!r}; allowed: {', '.join(names)}")
+            continue
+        want = _expected(hints[k], v)
+        if want:
+            problems.append(f"{k}: expected {want} (found {v!r})")
+    if not problems:
+        try:
+            LoopConfig.from_mapping({group: params})
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+class LoopThresholds(_Model):
+    """KPI parameters passed as they are to ``pipeline.kpi.LoopConfig`` (listed in pipeline/kpi/README.md)."""
+
+    gate: dict[str, Any] = Field(
+        default_factory=dict, description="min_coverage, min_normal_fraction, constant_rel"
+    )
+    service: dict[str, Any] = Field(default_factory=dict, description="sat_delta_pct")
+    hagglund: dict[str, Any] = Field(
+        default_factory=dict, description="load_amplitude_pct, tsup_factor, n_lim, …"
+    )
+    acf: dict[str, Any] = Field(default_factory=dict, description="min_samples, min_periods, r_threshold, …")
+    harris: dict[str, Any] = Field(
+        default_factory=dict, description="order, min_samples, eta_ok, eta_poor, …"
+    )
+    stiction: dict[str, Any] = Field(default_factory=dict, description="dphi_stiction, area_stiction, …")
+    valve: dict[str, Any] = Field(default_factory=dict, description="deadband_pct, init_samples")
+    step: dict[str, Any] = Field(default_factory=dict, description="delta_frac, band, step_modes, …")
+
+    @field_validator(*THRESHOLD_GROUPS)
+    @classmethod
+    def _group(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if v:
+            _threshold_group(str(info.field_name), v)
+        return v
+
+
+class LoopHold(_Model):
+    """Longest hold of a tag's last value on the loop's grid (default 3·ts)."""
+
+    pv: DurationMs | None = None
+    sp: DurationMs | None = None
+    op: DurationMs | None = None
+    mode: DurationMs | None = None
+
+    @field_validator("pv", "sp", "op", "mode")
+    @classmethod
+    def _range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 < v <= 86_400_000:
+            raise ValueError("must be between 1ms and 24h")
+        return v
+
+    def items(self) -> dict[str, int]:
+        return {t: v for t in LOOP_TAGS if (v := getattr(self, t)) is not None}
+
+
+class Loop(_Model):
+    """One PI(D) control loop whose KPIs are computed per event-time window (KPI_SPEC.md)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="loop id, the key of loops.kpi and kpi_results")
+    pv: SeriesId
+    sp: SeriesId
+    op: SeriesId
+    mode: SeriesId | None = Field(
+        None,
+        description="controller mode series (numeric codes, see mode_codes); "
+        "without it the loop counts as always in normal mode",
+    )
+    mode_codes: dict[str, int] = Field(
+        default_factory=lambda: {"MAN": 0, "AUTO": 1, "CAS": 2},
+        description="mode name -> the number the MODE series carries",
+    )
+    normal_modes: list[str] = Field(
+        default_factory=lambda: ["AUTO", "CAS"],
+        min_length=1,
+        description="modes in which the loop is controlling as designed",
+    )
+    pv_lo: float = Field(allow_inf_nan=False, description="PV range low end (engineering units)")
+    pv_hi: float = Field(
+        allow_inf_nan=False, description="PV range high end; errors are in % of pv_hi - pv_lo"
+    )
+    op_lo: float = Field(0.0, allow_inf_nan=False, description="OP low limit")
+    op_hi: float = Field(100.0, allow_inf_nan=False, validate_default=True, description="OP high limit")
+    loop_type: Literal["self_regulating", "integrating"] = "self_regulating"
+    ti: DurationMs = Field(description="integral time of the controller")
+    tu: DurationMs | None = Field(None, description="ultimate period if known (else Tu = Ti is assumed)")
+    dead_time: DurationMs | None = Field(None, description="process dead time (optional; Harris index)")
+    ts: DurationMs = Field(description="sample period of the loop's grid")
+    window: DurationMs = Field(
+        "15m", validate_default=True, description="KPI reporting window (tumbling, event time)"
+    )
+    horizon: DurationMs | None = Field(
+        None,
+        description="analysis horizon for the statistical KPIs "
+        "(default: the longer of window and 4096 samples)",
+    )
+    grace: DurationMs = Field(
+        10_000, description="how far behind the loop's newest sample a sample may arrive"
+    )
+    idle_timeout: DurationMs = Field(
+        "60s",
+        validate_default=True,
+        description="wall-clock quiet time after which the loop's open windows "
+        "are closed with what they have",
+    )
+    hold: LoopHold = Field(
+        LoopHold(),
+        description="how long a tag's last value may be held on the grid, where "
+        "longer than the default 3·ts: SP and MODE are often reported on change only",
+    )
+    error_norm: Literal["span", "sp"] = "span"
+    thresholds: LoopThresholds = LoopThresholds()
+
+    @field_validator("mode_codes")
+    @classmethod
+    def _codes(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v:
+            raise ValueError("needs at least one mode, e.g. {MAN: 0, AUTO: 1}")
+        seen: dict[int, str] = {}
+        for name, code in v.items():
+            if code in seen:
+                raise ValueError(
+                    f"modes {seen[code]} and {name} have the same code {code}; give each its own"
+                )
+            seen[code] = name
+        return v
+
+    @field_validator("normal_modes")
+    @classmethod
+    def _normal(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        codes = info.data.get("mode_codes")
+        if codes is not None:
+            for m in v:
+                if m not in codes:
+                    raise ValueError(
+                        f"normal mode {m!r} is not in mode_codes ({', '.join(codes)}); "
+                        "add it there or fix the name"
+                    )
+        return v
+
+    @field_validator("pv_hi")
+    @classmethod
+    def _span(cls, v: float, info: ValidationInfo) -> float:
+        lo = info.data.get("pv_lo")
+        if lo is not None and not v > lo:
+            raise ValueError(f"must be greater than pv_lo ({lo:g}): the PV span is pv_hi - pv_lo")
+        return v
+
+    @field_validator("op_hi")
+    @classmethod
+    def _op_span(cls, v: float, info: ValidationInfo) -> float:
+        lo = info.data.get("op_lo")
+        if lo is not None and not v > lo:
+            raise ValueError(f"must be greater than op_lo ({lo:g})")
+        return v
+
+    @field_validator("ti", "tu")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and not 0 < v <= 86_400_000:
+            raise ValueError("must be between 1ms and 24h")
+        return v
+
+    @field_validator("dead_time")
+    @classmethod
+    def _dead(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= 86_400_000:
+            raise ValueError("must be between 0s and 24h")
+        return v
+
+    @field_validator("ts")
+    @classmethod
+    def _ts(cls, v: int) -> int:
+        if not 10 <= v <= 3_600_000:
+            raise ValueError("must be between 10ms and 1h")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: int, info: ValidationInfo) -> int:
+        ts = info.data.get("ts")
+        if not 1000 <= v <= 86_400_000:
+            raise ValueError("must be between 1s and 24h")
+        if ts is not None:
+            if v % ts:
+                raise ValueError(f"must be a whole number of samples: a multiple of ts ({fmt_ms(ts)})")
+            if v < 10 * ts:
+                raise ValueError(f"holds {v // ts} samples; make it at least 10·ts ({fmt_ms(10 * ts)})")
+            if v > MAX_HORIZON_SAMPLES * ts:
+                raise ValueError(
+                    f"holds {v // ts} samples, more than the {MAX_HORIZON_SAMPLES} a loop's state "
+                    f"keeps; shorten it or lengthen ts"
+                )
+        return v
+
+    @field_validator("horizon")
+    @classmethod
+    def _horizon(cls, v: int | None, info: ValidationInfo) -> int | None:
+        ts, window = info.data.get("ts"), info.data.get("window")
+        if v is None:
+            return v
+        if window is not None and v < window:
+            raise ValueError(f"must be at least the window ({fmt_ms(window)})")
+        if ts is not None and v // ts > MAX_HORIZON_SAMPLES:
+            raise ValueError(
+                f"holds {v // ts} samples, more than the {MAX_HORIZON_SAMPLES} a loop's state keeps; "
+                f"make it at most {fmt_ms(MAX_HORIZON_SAMPLES * ts)} or lengthen ts"
+            )
+        return v
+
+    @field_validator("grace")
+    @classmethod
+    def _grace(cls, v: int) -> int:
+        if not 0 <= v <= 3_600_000:
+            raise ValueError("must be between 0s and 1h")
+        return v
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle(cls, v: int, info: ValidationInfo) -> int:
+        ts = info.data.get("ts")
+        if not 1_000 <= v <= 86_400_000:
+            raise ValueError("must be between 1s and 24h")
+        if ts is not None and v <= 2 * ts:
+            raise ValueError(
+                f"must be longer than two samples (2·ts = {fmt_ms(2 * ts)}), or windows of a live "
+                "loop would close between its samples"
+            )
+        return v
+
+    @field_validator("hold")
+    @classmethod
+    def _hold(cls, v: LoopHold, info: ValidationInfo) -> LoopHold:
+        ts = info.data.get("ts")
+        for tag, ms in v.items().items():
+            if ts is not None and ms < ts:
+                raise ValueError(
+                    f"{tag}: {fmt_ms(ms)} is shorter than one sample (ts = {fmt_ms(ts)}); the default "
+                    "is 3·ts, set only longer holds"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Loop:
+        tags = [(t, getattr(self, t)) for t in LOOP_TAGS if getattr(self, t) is not None]
+        for i, (a, sa) in enumerate(tags):
+            for b, sb in tags[i + 1 :]:
+                if sa == sb:
+                    raise ValueError(f"{a} and {b} are the same series {sa!r}; each tag needs its own series")
+        return self
+
+    @property
+    def horizon_ms(self) -> int:
+        """The analysis horizon: as configured, else the longer of the window and 4096 samples."""
+        if self.horizon is not None:
+            return self.horizon
+        return max(self.window, min(DEFAULT_HORIZON_SAMPLES * self.ts, MAX_HORIZON_SAMPLES * self.ts))
+
+    def series(self) -> dict[str, str]:
+        """tag -> series id, for the tags the loop has."""
+        return {t: s for t in LOOP_TAGS if (s := getattr(self, t)) is not None}
+
+    def kpi_config(self) -> Any:
+        """The loop's ``pipeline.kpi.LoopConfig`` (imported here: it needs numpy)."""
+        from pipeline.kpi import LoopConfig
+
+        data: dict[str, Any] = {
+            "pv_lo": self.pv_lo,
+            "pv_hi": self.pv_hi,
+            "op_lo": self.op_lo,
+            "op_hi": self.op_hi,
+            "normal_modes": list(self.normal_modes),
+            "loop_type": self.loop_type,
+            "ti": self.ti / 1000,
+            "tu": None if self.tu is None else self.tu / 1000,
+            "dead_time": None if self.dead_time is None else self.dead_time / 1000,
+            "ts": self.ts / 1000,
+            "error_norm": self.error_norm,
+        }
+        for g in THRESHOLD_GROUPS:
+            params = getattr(self.thresholds, g)
+            if params:
+                data[g] = params
+        return LoopConfig.from_mapping(data)
+
+
+class SimLoop(_Model):
+    loop: str = Field(description="id of a loop in the loops section; its series are published")
+    scenario: Literal[
+        "well_tuned", "aggressive", "sticky_valve", "saturated", "mostly_manual", "external_disturbance"
+    ] = Field(description="named loop simulation (connectors/sim/loops.py)")
+    seed: int = Field(0, ge=0)
+    offset: DurationMs = Field(0, description="simulated time skipped before publishing starts")
+
+
+def _check_loops(topo: Topology) -> None:
+    """Cross-checks of the loops section and of the loop simulations; the message names the path."""
+    ids = [lp.id for lp in topo.loops]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"loops: loop ids must be unique; repeated: {', '.join(dup)}")
+    sim = topo.simulate
+    if sim is None or not sim.loops:
+        return
+    by_id = {lp.id: lp for lp in topo.loops}
+    source = next(s for s in topo.sources if s.id == sim.source)
+    if source.type != "mqtt":
+        raise ValueError(
+            f"simulate.source: loop simulations publish over MQTT; {source.id!r} is a {source.type} source"
+        )
+    from connectors.sim.loop_publisher import check_simulated_loop
+
+    for j, sl in enumerate(sim.loops):
+        lp = by_id.get(sl.loop)
+        if lp is None:
+            raise ValueError(
+                f"simulate.loops[{j}].loop: {sl.loop!r} is not a loop id; known: "
+                f"{', '.join(ids) or 'none (add a loops section)'}"
+            )
+        problem = check_simulated_loop(lp, sl, source)
+        if problem:
+            raise ValueError(f"simulate.loops[{j}]: {problem}")
+
+
 class SimSignal(_Model):
     kind: Literal["energy_site", "ahu"]
     site: str = "site1"
@@ -204,6 +631,18 @@ class Simulation(_Model):
     source: str = Field(description="id of the MQTT source whose topics the simulator publishes to")
     rate: float = Field(1.0, gt=0, le=10_000, description="samples per second per device")
     scenarios: list[SimSignal] = Field(default_factory=lambda: [SimSignal(kind="energy_site")])
+    loops: list[SimLoop] = Field(
+        default_factory=list,
+        description="simulated control loops, published as "
+        "their loops' PV/SP/OP/MODE series with explicit timestamps",
+    )
+    speed: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="event-time pacing of the loop simulations: 1 "
+        "is real time, 20 makes a simulated minute last 3 s (timestamps run ahead of time)",
+    )
 
 
 class Topology(_Model):
@@ -215,6 +654,7 @@ class Topology(_Model):
     aggregates: Aggregates = Aggregates()
     sinks: list[Sink] = Field(default_factory=list)
     simulate: Simulation | None = None
+    loops: list[Loop] = Field(default_factory=list, description="control loops whose KPIs go to loops.kpi")
 
     @model_validator(mode="after")
     def _cross(self) -> Topology:
@@ -224,8 +664,10 @@ class Topology(_Model):
             raise ValueError(f"source ids must be unique; repeated: {', '.join(sorted(dup))}")
         if self.simulate is not None and self.simulate.source not in ids:
             raise ValueError(
-                f"simulate.source {self.simulate.source!r} is not a source id; known: {', '.join(ids) or 'none'}"
+                f"simulate.source {self.simulate.source!r} is not a source id; "
+                f"known: {', '.join(ids) or 'none'}"
             )
+        _check_loops(self)
         return self
 
     # -- topic names -------------------------------------------------------------------------------
@@ -255,6 +697,14 @@ class Topology(_Model):
     @property
     def results_topic(self) -> str:
         return self.topic("commands.results")
+
+    @property
+    def loop_samples_topic(self) -> str:
+        return self.topic("loops.samples")
+
+    @property
+    def loop_kpi_topic(self) -> str:
+        return self.topic("loops.kpi")
 
     def source(self, source_id: str) -> Any:  # one of the Source union's models
         for s in self.sources:
@@ -293,8 +743,13 @@ def expand_env(obj: Any, env: dict[str, str], path: str = "") -> Any:
 
         out = _VAR.sub(sub, obj)
         if missing:
-            raise TopologyError(path, [f"{path}: environment variable {missing[0]} is not set "
-                                       f"(set it, or write ${{{missing[0]}:-default}})"])
+            raise TopologyError(
+                path,
+                [
+                    f"{path}: environment variable {missing[0]} is not set "
+                    f"(set it, or write ${{{missing[0]}:-default}})"
+                ],
+            )
         return out
     return obj
 
@@ -306,7 +761,10 @@ def apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> dict[str, 
             data["broker"]["bootstrap"] = env["PLANTSTREAM_KAFKA"]
     if "PLANTSTREAM_TOPIC_PREFIX" in env:
         data["prefix"] = env["PLANTSTREAM_TOPIC_PREFIX"]
-    for key, kind, field_name in (("PLANTSTREAM_PG_DSN", "postgres", "dsn"), ("PLANTSTREAM_MQTT_URL", "mqtt", "url")):
+    for key, kind, field_name in (
+        ("PLANTSTREAM_PG_DSN", "postgres", "dsn"),
+        ("PLANTSTREAM_MQTT_URL", "mqtt", "url"),
+    ):
         if env.get(key):
             section = "sinks" if kind == "postgres" else "sources"
             for item in data.get(section) or []:
@@ -331,7 +789,7 @@ def _message(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if kind == "extra_forbidden":
         parent = _loc(tuple(err["loc"][:-1]))
         allowed = model_fields.get(parent)
@@ -364,6 +822,10 @@ def _fields_by_path(data: Any) -> dict[str, list[str]]:
                     out[f"sources[{i}].topics[{j}]"] = _names(TopicMapping)
         for i, _ in enumerate(data.get("sinks") or []):
             out[f"sinks[{i}]"] = _names(PostgresSink)
+        for i, lp in enumerate(data.get("loops") or []):
+            _nested_names(Loop, lp, f"loops[{i}]", out)
+        if isinstance(data.get("simulate"), dict):
+            _nested_names(Simulation, data["simulate"], "simulate", out)
     return out
 
 
@@ -373,8 +835,11 @@ def _names(model: type[BaseModel]) -> list[str]:
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The model in an annotation such as ``Security``, ``Deadband | None`` or ``list[NodeMapping]``."""
-    if (isinstance(annotation, type) and not hasattr(annotation, "__origin__")
-            and issubclass(annotation, BaseModel)):
+    if (
+        isinstance(annotation, type)
+        and not hasattr(annotation, "__origin__")
+        and issubclass(annotation, BaseModel)
+    ):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
         found = _model_in(arg)

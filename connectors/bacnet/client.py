@@ -8,6 +8,7 @@ request gets an overall timeout so a dead device costs its own task a bounded wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,14 +43,18 @@ class BacnetError(Exception):
     def rpm_unsupported(self) -> bool:
         """The device does not do ReadPropertyMultiple (or not this way)."""
         return (self.kind == "reject" and self.detail in ("unrecognized-service", "other")) or (
-            self.kind == "error" and self.detail.endswith(("service-request-denied",
-                                                           "optional-functionality-not-supported")))
+            self.kind == "error"
+            and self.detail.endswith(("service-request-denied", "optional-functionality-not-supported"))
+        )
 
     @property
     def too_big(self) -> bool:
         """The answer would not fit: ask for less at a time."""
-        return self.kind == "abort" and self.detail in ("segmentation-not-supported", "buffer-overflow",
-                                                        "apdu-too-long")
+        return self.kind == "abort" and self.detail in (
+            "segmentation-not-supported",
+            "buffer-overflow",
+            "apdu-too-long",
+        )
 
 
 def as_error(exc: ErrorRejectAbortNack) -> BacnetError:
@@ -116,7 +121,11 @@ class CovSubscription:
         if task is not None and task.done() and not task.cancelled():
             exc = task.exception()
             if exc is not None:  # the renewal before the lifetime ended failed: the device is gone
-                raise as_error(exc) if isinstance(exc, ErrorRejectAbortNack) else BacnetError("abort", repr(exc))
+                raise (
+                    as_error(exc)
+                    if isinstance(exc, ErrorRejectAbortNack)
+                    else BacnetError("abort", repr(exc))
+                )
         try:
             first = await asyncio.wait_for(self._scm.get(), timeout)
         except TimeoutError:
@@ -128,13 +137,31 @@ class CovSubscription:
 
 
 class BacnetClient:
-    def __init__(self, local_address: str, device_instance: int, *, apdu_timeout_ms: int = 2000,
-                 apdu_retries: int = 1, request_timeout: float = 5.0) -> None:
-        device = DeviceObject(objectIdentifier=("device", device_instance), objectName=f"plantstream-{device_instance}",
-                              vendorIdentifier=999, apduTimeout=apdu_timeout_ms, numberOfApduRetries=apdu_retries,
-                              maxApduLengthAccepted=1476, segmentationSupported="segmented-both")
-        port = NetworkPortObject(local_address, objectIdentifier=("network-port", 1), objectName="NetworkPort-1",
-                                 networkNumber=0, networkNumberQuality="unknown")
+    def __init__(
+        self,
+        local_address: str,
+        device_instance: int,
+        *,
+        apdu_timeout_ms: int = 2000,
+        apdu_retries: int = 1,
+        request_timeout: float = 5.0,
+    ) -> None:
+        device = DeviceObject(
+            objectIdentifier=("device", device_instance),
+            objectName=f"plantstream-{device_instance}",
+            vendorIdentifier=999,
+            apduTimeout=apdu_timeout_ms,
+            numberOfApduRetries=apdu_retries,
+            maxApduLengthAccepted=1476,
+            segmentationSupported="segmented-both",
+        )
+        port = NetworkPortObject(
+            local_address,
+            objectIdentifier=("network-port", 1),
+            objectName="NetworkPort-1",
+            networkNumber=0,
+            networkNumberQuality="unknown",
+        )
         self.app = Application.from_object_list([device, port])
         self.request_timeout = request_timeout
         self._next_process_id = 1
@@ -154,25 +181,39 @@ class BacnetClient:
         """Who-Is over the instance range; ``target`` is where it goes (default: the local broadcast)."""
         app = self.app
         if target is None:
-            found = await app.who_is(low, high, timeout=timeout)  # type: ignore[arg-type]
+            found = await app.who_is(low, high, timeout=timeout)
         else:
             # A directed broadcast (or unicast) target. app.who_is(address=...) would only accept I-Am
             # answers from that very address, so collect them the way it does, from anyone.
             if not hasattr(app, "_who_is_futures"):
                 app._who_is_futures = []
-            fut = WhoIsFuture(app, None, low, high, timeout)  # type: ignore[arg-type]
+            fut = WhoIsFuture(app, None, low, high, timeout)
             app._who_is_futures.append(fut)
-            app.request(WhoIsRequest(destination=Address(target), deviceInstanceRangeLowLimit=low,
-                                     deviceInstanceRangeHighLimit=high))
+            app.request(
+                WhoIsRequest(
+                    destination=Address(target),
+                    deviceInstanceRangeLowLimit=low,
+                    deviceInstanceRangeHighLimit=high,
+                )
+            )
             found = await fut.future
-        return [IAm(int(i.iAmDeviceIdentifier[1]), str(i.pduSource), int(i.maxAPDULengthAccepted),
-                    str(i.segmentationSupported), int(i.vendorID)) for i in found]
+        return [
+            IAm(
+                int(i.iAmDeviceIdentifier[1]),
+                str(i.pduSource),
+                int(i.maxAPDULengthAccepted),
+                str(i.segmentationSupported),
+                int(i.vendorID),
+            )
+            for i in found
+        ]
 
     async def read(self, address: str, ref: str, prop: str, index: int | None = None) -> Any:
         return await self._call(self.app.read_property(Address(address), object_id(ref), prop, index))
 
-    async def read_multiple(self, address: str, refs: Sequence[str],
-                            props: Sequence[str]) -> dict[tuple[str, str], Any]:
+    async def read_multiple(
+        self, address: str, refs: Sequence[str], props: Sequence[str]
+    ) -> dict[tuple[str, str], Any]:
         """One ReadPropertyMultiple; per-property failures come back as :class:`PropertyError`."""
         params: list[Any] = []
         for ref in refs:
@@ -188,8 +229,11 @@ class BacnetClient:
         return out
 
     async def write(self, address: str, ref: str, value: float | None, priority: int) -> None:
-        await self._call(self.app.write_property(Address(address), object_id(ref), "present-value",
-                                                 value_for(ref, value), priority=priority))
+        await self._call(
+            self.app.write_property(
+                Address(address), object_id(ref), "present-value", value_for(ref, value), priority=priority
+            )
+        )
 
     def subscribe(self, address: str, ref: str, *, confirmed: bool, lifetime_s: int) -> Any:
         """An async context manager yielding a :class:`CovSubscription`."""
@@ -204,12 +248,10 @@ class BacnetClient:
 
             async def __aexit__(self, *exc: Any) -> None:
                 if exc[0] is None:
-                    try:
+                    # Cancelling the subscription of a device that stopped answering may fail; that is fine.
+                    with contextlib.suppress(BacnetError):
                         await client._call(self.scm.__aexit__(None, None, None), 2.0)
-                    except BacnetError:
-                        pass  # cancelling a subscription of a device that stopped answering
                 else:
                     await self.scm.__aexit__(*exc)
 
         return _Ctx()
-

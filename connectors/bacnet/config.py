@@ -7,9 +7,10 @@ bacpypes3, so loading a topology does not need the BACnet extra installed.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import WithJsonSchema
 
 
 def _duration(v: Any) -> int:
@@ -19,11 +20,32 @@ def _duration(v: Any) -> int:
     return parse_duration_ms(v)
 
 
-DurationMs = Annotated[int, BeforeValidator(_duration)]
+DurationMs = Annotated[
+    int,
+    BeforeValidator(_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds",
+        }
+    ),
+]
 
-ObjectType = Literal["analog-input", "analog-output", "analog-value", "binary-input", "binary-output",
-                     "binary-value", "multi-state-input", "multi-state-output", "multi-state-value"]
-OBJECT_TYPES: tuple[str, ...] = ObjectType.__args__  # type: ignore[attr-defined]
+ObjectType = Literal[
+    "analog-input",
+    "analog-output",
+    "analog-value",
+    "binary-input",
+    "binary-output",
+    "binary-value",
+    "multi-state-input",
+    "multi-state-output",
+    "multi-state-value",
+]
+OBJECT_TYPES: tuple[ObjectType, ...] = get_args(ObjectType)
 OBJECT_REF = re.compile(r"^(" + "|".join(OBJECT_TYPES) + r"),(\d{1,7})$")
 IPV4_PORT = re.compile(r"^\d{1,3}(\.\d{1,3}){3}(:\d{1,5})?$")
 MAX_INSTANCE = 4_194_302
@@ -37,8 +59,9 @@ class PointConfig(_Model):
     """One object of a device, read as a point; optionally COV-subscribed and writable."""
 
     object: str = Field(description="object type and instance, e.g. analog-value,1")
-    name: str | None = Field(default=None, min_length=1,
-                             description="point name (default: the object's objectName)")
+    name: str | None = Field(
+        default=None, min_length=1, description="point name (default: the object's objectName)"
+    )
     cov: bool = Field(default=False, description="subscribe to changes (SubscribeCOV) instead of polling")
     writable: bool = Field(default=False, description="accept WriteCommands for this point")
     min: float | None = Field(default=None, description="lowest value a command may write")
@@ -50,8 +73,9 @@ class PointConfig(_Model):
     def _object(cls, v: str) -> str:
         m = OBJECT_REF.match(v.strip())
         if not m:
-            raise ValueError("expected <object-type>,<instance> such as analog-value,1; types: "
-                             + ", ".join(OBJECT_TYPES))
+            raise ValueError(
+                "expected <object-type>,<instance> such as analog-value,1; types: " + ", ".join(OBJECT_TYPES)
+            )
         return v.strip()
 
     @model_validator(mode="after")
@@ -65,8 +89,9 @@ class PointConfig(_Model):
 
 class DeviceDefaults(_Model):
     interval: DurationMs = Field(default=10_000, description="polling interval of each device")
-    object_types: list[ObjectType] = Field(default_factory=lambda: list(OBJECT_TYPES),
-                                           description="object types read from the objectList")
+    object_types: list[ObjectType] = Field(
+        default_factory=lambda: list(OBJECT_TYPES), description="object types read from the objectList"
+    )
     name_pattern: str = Field(default="*", description="glob on objectName for points from the objectList")
     cov_pattern: str | None = Field(default=None, description="glob on objectName: those points use COV")
     timeout: DurationMs = Field(default=5_000, description="longest wait for one request, retries included")
@@ -76,28 +101,42 @@ class DeviceDefaults(_Model):
 class DeviceConfig(_Model):
     instance: int = Field(ge=0, le=MAX_INSTANCE, description="device instance number")
     address: str | None = Field(default=None, description="IPv4[:port]; without it, found by Who-Is")
-    name: str | None = Field(default=None, pattern=r"^[^/]+$",
-                             description="device name in records (default: the device's objectName)")
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[^/]+$",
+        description="device name in records (default: the device's objectName)",
+    )
     site: str | None = Field(default=None, pattern=r"^[^/]+$")
     interval: DurationMs | None = None
-    points: list[PointConfig] = Field(default_factory=list,
-                                      description="the points; empty: every object of the objectList that "
-                                                  "matches object_types and name_pattern")
+    points: list[PointConfig] = Field(
+        default_factory=list,
+        description="points by object, with their settings (name, cov, writable, min, max, unit)",
+    )
+    object_list: bool | None = Field(
+        default=None,
+        description="also read every object of the device's objectList that "
+        "matches object_types and name_pattern (default: only when "
+        "'points' is empty)",
+    )
     object_types: list[ObjectType] | None = None
     name_pattern: str | None = None
     cov_pattern: str | None = None
-    max_apdu: int | None = Field(default=None, ge=50, le=1476,
-                                 description="override the device's maxApduLengthAccepted")
-    read_multiple: bool | None = Field(default=None,
-                                       description="true/false forces ReadPropertyMultiple on/off; "
-                                                   "default: use it unless the device rejects it")
+    max_apdu: int | None = Field(
+        default=None, ge=50, le=1476, description="override the device's maxApduLengthAccepted"
+    )
+    read_multiple: bool | None = Field(
+        default=None,
+        description="true/false forces ReadPropertyMultiple on/off; "
+        "default: use it unless the device rejects it",
+    )
 
     @field_validator("address")
     @classmethod
     def _address(cls, v: str | None) -> str | None:
         if v is not None and not IPV4_PORT.match(v):
-            raise ValueError("expected an IPv4 address with an optional port, e.g. 192.168.1.20 or "
-                             "127.0.0.2:47808")
+            raise ValueError(
+                "expected an IPv4 address with an optional port, e.g. 192.168.1.20 or 127.0.0.2:47808"
+            )
         return v
 
     @model_validator(mode="after")
@@ -111,16 +150,18 @@ class DeviceConfig(_Model):
         if dup:
             raise ValueError(f"each object may be listed once; repeated: {', '.join(dup)}")
         if any(p.writable for p in self.points) and self.name is None:
-            raise ValueError("a device with writable points needs a 'name': commands address points as "
-                             "site/device/point")
+            raise ValueError(
+                "a device with writable points needs a 'name': commands address points as site/device/point"
+            )
         return self
 
 
 class Discovery(_Model):
     low: int = Field(default=0, ge=0, le=MAX_INSTANCE, description="lowest device instance to look for")
     high: int = Field(default=MAX_INSTANCE, ge=0, le=MAX_INSTANCE, description="highest device instance")
-    target: str | None = Field(default=None,
-                               description="where Who-Is goes, IPv4:port (default: the local broadcast)")
+    target: str | None = Field(
+        default=None, description="where Who-Is goes, IPv4:port (default: the local broadcast)"
+    )
     timeout: DurationMs = Field(default=3_000, description="how long to collect I-Am answers")
     interval: DurationMs = Field(default=300_000, description="repeat discovery this often (0: once)")
 
@@ -148,10 +189,12 @@ class Cov(_Model):
 class BacnetSource(_Model):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: Literal["bacnet"]
-    local_address: str = Field(description="the connector's own BACnet/IP address: ip/prefix:port, "
-                                           "e.g. 192.168.1.10/24:47808")
-    device_instance: int = Field(default=599_999, ge=0, le=MAX_INSTANCE,
-                                 description="instance of the connector's own device object")
+    local_address: str = Field(
+        description="the connector's own BACnet/IP address: ip/prefix:port, e.g. 192.168.1.10/24:47808"
+    )
+    device_instance: int = Field(
+        default=599_999, ge=0, le=MAX_INSTANCE, description="instance of the connector's own device object"
+    )
     site: str = Field(pattern=r"^[^/]+$", description="site of every device unless the device sets its own")
     devices: list[DeviceConfig] = Field(default_factory=list)
     discovery: Discovery | None = None
@@ -159,9 +202,13 @@ class BacnetSource(_Model):
     cov: Cov = Field(default_factory=lambda: Cov.model_validate({}))
     apdu_timeout: DurationMs = Field(default=2_000, description="APDU timeout of the connector's requests")
     apdu_retries: int = Field(default=1, ge=0, le=5)
-    priority_floor: int = Field(default=8, ge=1, le=16,
-                                description="commands may write at this priority or a lower one (higher "
-                                            "number); 1-7 are life-safety and manual ranges")
+    priority_floor: int = Field(
+        default=8,
+        ge=1,
+        le=16,
+        description="commands may write at this priority or a lower one (higher "
+        "number); 1-7 are life-safety and manual ranges",
+    )
     max_batch: int = Field(default=2000, ge=1, le=100_000)
 
     @field_validator("local_address")
@@ -181,8 +228,10 @@ class BacnetSource(_Model):
             raise ValueError(f"device instances must be unique; repeated: {', '.join(map(str, dup))}")
         for i, d in enumerate(self.devices):
             if d.address is None and self.discovery is None:
-                raise ValueError(f"devices[{i}] (instance {d.instance}) has no address: give one, or add "
-                                 "'discovery' so it is found by Who-Is")
+                raise ValueError(
+                    f"devices[{i}] (instance {d.instance}) has no address: give one, or add "
+                    "'discovery' so it is found by Who-Is"
+                )
         names = [(d.site or self.site, d.name) for d in self.devices if d.name]
         dup_names = sorted({"/".join(n) for n in names if names.count(n) > 1})
         if dup_names:

@@ -15,6 +15,7 @@ With the topology at hand the runner also executes the BACnet write commands for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import threading
@@ -27,7 +28,14 @@ from confluent_kafka import KafkaError
 
 from connectors.bacnet.client import BacnetClient, BacnetError, IAm, PropertyError
 from connectors.bacnet.config import BacnetSource, DeviceConfig
-from connectors.bacnet.values import flags_of, numeric, objects_per_request, quality_of, status_of, unit_symbol
+from connectors.bacnet.values import (
+    flags_of,
+    numeric,
+    objects_per_request,
+    quality_of,
+    status_of,
+    unit_symbol,
+)
 from connectors.common.backoff import delays
 from connectors.common.producer import TelemetryProducer
 from pipeline import codec
@@ -67,6 +75,7 @@ class Device:
     ready: bool = False
     online: bool = False
     polls: int = 0
+    failures: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     sem: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -97,8 +106,14 @@ class Stats:
 class BacnetSourceRunner:
     wants_topology = True  # the write path needs the whole topology (cli.connect passes it)
 
-    def __init__(self, cfg: BacnetSource, producer: TelemetryProducer, *, topology: Any = None,
-                 client_factory: ClientFactory | None = None) -> None:
+    def __init__(
+        self,
+        cfg: BacnetSource,
+        producer: TelemetryProducer,
+        *,
+        topology: Any = None,
+        client_factory: ClientFactory | None = None,
+    ) -> None:
         self.cfg = cfg
         self.producer = producer
         self.stats = Stats()
@@ -170,8 +185,13 @@ class BacnetSourceRunner:
     def _device(self, instance: int, dc: DeviceConfig | None) -> Device:
         d = self.cfg.defaults
         interval = (dc.interval if dc and dc.interval else d.interval) / 1000.0
-        dev = Device(instance=instance, cfg=dc, site=(dc.site if dc and dc.site else self.cfg.site),
-                     interval=interval, sem=asyncio.Semaphore(d.max_concurrent))
+        dev = Device(
+            instance=instance,
+            cfg=dc,
+            site=(dc.site if dc and dc.site else self.cfg.site),
+            interval=interval,
+            sem=asyncio.Semaphore(d.max_concurrent),
+        )
         self.devices[instance] = dev
         self.stats.devices = len(self.devices)
         return dev
@@ -198,15 +218,28 @@ class BacnetSourceRunner:
                 if dev.address is None:
                     dev.address = iam.address
                     dev.max_apdu = iam.max_apdu
-                    log.info("source %s: found device %d at %s (max APDU %d, %s)", self.cfg.id, iam.instance,
-                             iam.address, iam.max_apdu, iam.segmentation)
+                    log.info(
+                        "source %s: found device %d at %s (max APDU %d, %s)",
+                        self.cfg.id,
+                        iam.instance,
+                        iam.address,
+                        iam.max_apdu,
+                        iam.segmentation,
+                    )
                     self._start(dev)
                 elif dev.address != iam.address and (dev.cfg is None or dev.cfg.address is None):
-                    log.warning("source %s: device %d moved from %s to %s", self.cfg.id, iam.instance,
-                                dev.address, iam.address)
+                    log.warning(
+                        "source %s: device %d moved from %s to %s",
+                        self.cfg.id,
+                        iam.instance,
+                        dev.address,
+                        iam.address,
+                    )
                     dev.address = iam.address
                 elif not known:
-                    log.info("source %s: device %d answers Who-Is at %s", self.cfg.id, iam.instance, iam.address)
+                    log.info(
+                        "source %s: device %d answers Who-Is at %s", self.cfg.id, iam.instance, iam.address
+                    )
             if disc.interval == 0:
                 return
             await asyncio.sleep(disc.interval / 1000)
@@ -219,28 +252,43 @@ class BacnetSourceRunner:
                     await self._setup(dev)
                 started = time.monotonic()
                 await self._poll(dev)
+                dev.failures = 0
                 if not dev.online:
                     dev.online = True
-                    log.info("source %s: device %s (%d) answering at %s", self.cfg.id, dev.name, dev.instance,
-                             dev.address)
+                    log.info(
+                        "source %s: device %s (%d) answering at %s",
+                        self.cfg.id,
+                        dev.name,
+                        dev.instance,
+                        dev.address,
+                    )
                 backoff = delays(1.0, max(5.0, dev.interval))
                 dev.wake.clear()
-                try:
-                    await asyncio.wait_for(dev.wake.wait(), max(0.0, dev.interval - (time.monotonic() - started)))
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        dev.wake.wait(), max(0.0, dev.interval - (time.monotonic() - started))
+                    )
             except asyncio.CancelledError:
                 raise
             except BacnetError as e:
                 self.stats.poll_errors += 1
+                dev.failures += 1
                 delay = next(backoff)
-                if dev.online or self.stats.poll_errors == 1 or not dev.ready:
-                    log.warning("source %s: device %s (%d at %s) %s: %s; retrying in %.1fs", self.cfg.id,
-                                dev.name or "?", dev.instance, dev.address,
-                                "not answering" if e.kind in ("timeout", "abort") else "refused", e, delay)
+                # Said when the device stops answering, then every tenth failed attempt, not every retry.
+                if dev.online or dev.failures % 10 == 1:
+                    log.warning(
+                        "source %s: device %s (%d at %s) %s: %s; retrying in %.1fs",
+                        self.cfg.id,
+                        dev.name or "?",
+                        dev.instance,
+                        dev.address,
+                        "not answering" if e.kind in ("timeout", "abort") else "refused",
+                        e,
+                        delay,
+                    )
                 dev.online = False
                 await asyncio.sleep(delay)
-            except Exception:  # noqa: BLE001 - one device's surprise must not stop the others
+            except Exception:
                 log.exception("source %s: device %d: unexpected error", self.cfg.id, dev.instance)
                 dev.online = False
                 await asyncio.sleep(next(backoff))
@@ -249,12 +297,16 @@ class BacnetSourceRunner:
         """Read what the device is and which points it has; once, then after it was lost."""
         assert dev.address is not None
         dref = f"device,{dev.instance}"
-        info = await self._read_props(dev, [dref], ("object-name", "max-apdu-length-accepted",
-                                                    "segmentation-supported"))
+        info = await self._read_props(
+            dev, [dref], ("object-name", "max-apdu-length-accepted", "segmentation-supported")
+        )
         name = info.get((dref, "object-name"))
         cfg_name = dev.cfg.name if dev.cfg else None
-        dev.name = cfg_name or (str(name).replace("/", "-") if name and not isinstance(name, PropertyError)
-                                else f"device-{dev.instance}")
+        dev.name = cfg_name or (
+            str(name).replace("/", "-")
+            if name and not isinstance(name, PropertyError)
+            else f"device-{dev.instance}"
+        )
         apdu = info.get((dref, "max-apdu-length-accepted"))
         if dev.cfg and dev.cfg.max_apdu:
             dev.max_apdu = dev.cfg.max_apdu
@@ -277,35 +329,54 @@ class BacnetSourceRunner:
         dev.points = points
         dev.ready = True
         self.stats.points = sum(len(d.points) for d in self.devices.values())
-        log.info("source %s: device %s (%d at %s): %d points, max APDU %d, %s, %d objects per RPM", self.cfg.id,
-                 dev.name, dev.instance, dev.address, len(points), dev.max_apdu, dev.segmentation, dev.chunk)
+        log.info(
+            "source %s: device %s (%d at %s): %d points, max APDU %d, %s, %d objects per RPM",
+            self.cfg.id,
+            dev.name,
+            dev.instance,
+            dev.address,
+            len(points),
+            dev.max_apdu,
+            dev.segmentation,
+            dev.chunk,
+        )
         for p in points:
             if p.cov:
-                dev.tasks.append(asyncio.create_task(self._cov_loop(dev, p), name=f"cov-{dev.instance}-{p.ref}"))
+                dev.tasks.append(
+                    asyncio.create_task(self._cov_loop(dev, p), name=f"cov-{dev.instance}-{p.ref}")
+                )
 
     async def _points_of(self, dev: Device) -> list[Point]:
         d, dc = self.cfg.defaults, dev.cfg
         cov_pattern = (dc.cov_pattern if dc and dc.cov_pattern else None) or d.cov_pattern
-        if dc and dc.points:
-            points = [Point(p.object, p.name or "", unit=p.unit, cov=p.cov) for p in dc.points]
-            unnamed = [p.ref for p in points if not p.name]
-            if unnamed:
-                names = await self._read_props(dev, unnamed, ("object-name",))
-                for p in points:
-                    if not p.name:
-                        n = names.get((p.ref, "object-name"))
-                        p.name = str(n) if n is not None and not isinstance(n, PropertyError) else p.ref
-            return points
-        types = set((dc.object_types if dc and dc.object_types else None) or d.object_types)
-        pattern = (dc.name_pattern if dc and dc.name_pattern else None) or d.name_pattern
-        refs = [r for r in await self._object_list(dev) if r.split(",", 1)[0] in types]
-        names = await self._read_props(dev, refs, ("object-name",)) if refs else {}
-        points = []
-        for ref in refs:
+        explicit = [Point(p.object, p.name or "", unit=p.unit, cov=p.cov) for p in (dc.points if dc else [])]
+        use_list = dc.object_list if dc and dc.object_list is not None else not explicit
+        listed: list[str] = []
+        if use_list:
+            types = set((dc.object_types if dc and dc.object_types else None) or d.object_types)
+            given = {p.ref for p in explicit}
+            listed = [
+                r for r in await self._object_list(dev) if r.split(",", 1)[0] in types and r not in given
+            ]
+        unnamed = [p.ref for p in explicit if not p.name] + listed
+        names = await self._read_props(dev, unnamed, ("object-name",)) if unnamed else {}
+
+        def name_of(ref: str) -> str:
             n = names.get((ref, "object-name"))
-            name = str(n) if n is not None and not isinstance(n, PropertyError) else ref
-            if fnmatch.fnmatchcase(name, pattern):
-                points.append(Point(ref, name, cov=bool(cov_pattern and fnmatch.fnmatchcase(name, cov_pattern))))
+            return str(n) if n is not None and not isinstance(n, PropertyError) else ref
+
+        for p in explicit:
+            p.name = p.name or name_of(p.ref)
+        pattern = (dc.name_pattern if dc and dc.name_pattern else None) or d.name_pattern
+        taken = {p.name for p in explicit}
+        points = list(explicit)
+        for ref in listed:
+            name = name_of(ref)
+            if fnmatch.fnmatchcase(name, pattern) and name not in taken:
+                taken.add(name)
+                points.append(
+                    Point(ref, name, cov=bool(cov_pattern and fnmatch.fnmatchcase(name, cov_pattern)))
+                )
         return points
 
     async def _object_list(self, dev: Device) -> list[str]:
@@ -331,8 +402,9 @@ class BacnetSourceRunner:
         return [f"{o[0]},{o[1]}" for o in items]
 
     # -- reading -------------------------------------------------------------------------------------
-    async def _read_props(self, dev: Device, refs: Sequence[str], props: Sequence[str],
-                          rp_props: Sequence[str] | None = None) -> dict[tuple[str, str], Any]:
+    async def _read_props(
+        self, dev: Device, refs: Sequence[str], props: Sequence[str], rp_props: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], Any]:
         forced = dev.cfg.read_multiple if dev.cfg else None
         if forced is not False and dev.rpm is not False:
             try:
@@ -342,21 +414,35 @@ class BacnetSourceRunner:
                     raise
                 dev.rpm = False
                 self.stats.rpm_fallbacks += 1
-                log.warning("source %s: device %s (%d) rejects ReadPropertyMultiple (%s); using ReadProperty",
-                            self.cfg.id, dev.name or "?", dev.instance, e)
+                log.warning(
+                    "source %s: device %s (%d) rejects ReadPropertyMultiple (%s); using ReadProperty",
+                    self.cfg.id,
+                    dev.name or "?",
+                    dev.instance,
+                    e,
+                )
         return await self._rp(dev, refs, rp_props or props)
 
-    async def _rpm(self, dev: Device, refs: Sequence[str], props: Sequence[str]) -> dict[tuple[str, str], Any]:
-        size = max(1, min(dev.chunk or objects_per_request(dev.max_apdu, props),
-                          objects_per_request(dev.max_apdu, props)))
-        parts = [list(refs[i:i + size]) for i in range(0, len(refs), size)]
+    async def _rpm(
+        self, dev: Device, refs: Sequence[str], props: Sequence[str]
+    ) -> dict[tuple[str, str], Any]:
+        size = max(
+            1,
+            min(
+                dev.chunk or objects_per_request(dev.max_apdu, props),
+                objects_per_request(dev.max_apdu, props),
+            ),
+        )
+        parts = [list(refs[i : i + size]) for i in range(0, len(refs), size)]
         results = await asyncio.gather(*(self._rpm_part(dev, part, props) for part in parts))
         out: dict[tuple[str, str], Any] = {}
         for r in results:
             out.update(r)
         return out
 
-    async def _rpm_part(self, dev: Device, refs: list[str], props: Sequence[str]) -> dict[tuple[str, str], Any]:
+    async def _rpm_part(
+        self, dev: Device, refs: list[str], props: Sequence[str]
+    ) -> dict[tuple[str, str], Any]:
         assert dev.address is not None
         try:
             async with dev.sem:
@@ -372,8 +458,14 @@ class BacnetSourceRunner:
             half = len(refs) // 2
             dev.chunk = max(1, half)
             self.stats.request_splits += 1
-            log.info("source %s: device %s aborts an RPM of %d objects (%s); asking for %d at a time", self.cfg.id,
-                     dev.name or dev.instance, len(refs), e.detail, dev.chunk)
+            log.info(
+                "source %s: device %s aborts an RPM of %d objects (%s); asking for %d at a time",
+                self.cfg.id,
+                dev.name or dev.instance,
+                len(refs),
+                e.detail,
+                dev.chunk,
+            )
             a = await self._rpm_part(dev, refs[:half], props)
             b = await self._rpm_part(dev, refs[half:], props)
             return {**a, **b}
@@ -408,15 +500,25 @@ class BacnetSourceRunner:
                 vals.update(await self._rp(dev, faulty, ("reliability",)))
         ts = now_ms()
         for p in polled:
-            r = self._reading(dev, p, vals.get((p.ref, "present-value")), vals.get((p.ref, "status-flags")),
-                              vals.get((p.ref, "reliability")), ts)
+            r = self._reading(
+                dev,
+                p,
+                vals.get((p.ref, "present-value")),
+                vals.get((p.ref, "status-flags")),
+                vals.get((p.ref, "reliability")),
+                ts,
+            )
             if r is not None:
                 self._queue(dev, r)
         self._flush()
 
-    def _reading(self, dev: Device, p: Point, pv: Any, flags: Any, reliability: Any, ts: int) -> BatchReading | None:
+    def _reading(
+        self, dev: Device, p: Point, pv: Any, flags: Any, reliability: Any, ts: int
+    ) -> BatchReading | None:
         if pv is None or isinstance(pv, PropertyError):
-            self._point_error(dev, p, f"read error: {pv}" if pv is not None else "read error: no presentValue")
+            self._point_error(
+                dev, p, f"read error: {pv}" if pv is not None else "read error: no presentValue"
+            )
             return None
         try:
             value = numeric(pv)
@@ -444,8 +546,14 @@ class BacnetSourceRunner:
         p.failing = reason
         self.stats.point_errors += 1
         log.warning("source %s: %s/%s (%s): %s", self.cfg.id, dev.name, p.name, p.ref, reason)
-        payload = {"device": dev.name, "instance": dev.instance, "address": dev.address, "object": p.ref,
-                   "point": p.name, "value": value}
+        payload = {
+            "device": dev.name,
+            "instance": dev.instance,
+            "address": dev.address,
+            "object": p.ref,
+            "point": p.name,
+            "value": value,
+        }
         self._dead_letter(f"{reason} ({dev.name}/{p.name}, {p.ref})", payload)
 
     # -- COV -----------------------------------------------------------------------------------------
@@ -455,13 +563,19 @@ class BacnetSourceRunner:
         while True:
             try:
                 assert dev.address is not None
-                async with self.client.subscribe(dev.address, p.ref, confirmed=self.cfg.cov.confirmed,
-                                                 lifetime_s=lifetime) as sub:
+                async with self.client.subscribe(
+                    dev.address, p.ref, confirmed=self.cfg.cov.confirmed, lifetime_s=lifetime
+                ) as sub:
                     p.cov_active = True
                     self.stats.cov_subscriptions += 1
                     backoff = delays(1.0, 60.0)
-                    log.info("source %s: %s/%s by COV (lifetime %ds, renewed before it ends)", self.cfg.id,
-                             dev.name, p.name, lifetime)
+                    log.info(
+                        "source %s: %s/%s by COV (lifetime %ds, renewed before it ends)",
+                        self.cfg.id,
+                        dev.name,
+                        p.name,
+                        lifetime,
+                    )
                     while True:
                         values = await sub.next(1.0)
                         if values is None:
@@ -479,8 +593,15 @@ class BacnetSourceRunner:
             except (BacnetError, OSError, ValueError) as e:
                 self.stats.cov_failures += 1
                 delay = next(backoff)
-                log.warning("source %s: COV of %s/%s %s (%s); polling it, subscribing again in %.0fs",
-                            self.cfg.id, dev.name, p.name, "lost" if p.cov_active else "refused", e, delay)
+                log.warning(
+                    "source %s: COV of %s/%s %s (%s); polling it, subscribing again in %.0fs",
+                    self.cfg.id,
+                    dev.name,
+                    p.name,
+                    "lost" if p.cov_active else "refused",
+                    e,
+                    delay,
+                )
                 p.cov_active = False
                 await asyncio.sleep(delay)
 
@@ -513,8 +634,13 @@ class BacnetSourceRunner:
             self._send(key, readings)
 
     def _send(self, key: tuple[str, str], readings: list[BatchReading]) -> None:
-        batch: ReadingBatch = {"v": 1, "source": self.cfg.id, "site": key[0], "device": key[1],
-                               "readings": readings}
+        batch: ReadingBatch = {
+            "v": 1,
+            "source": self.cfg.id,
+            "site": key[0],
+            "device": key[1],
+            "readings": readings,
+        }
         self.stats.batches += 1
         self.stats.readings += len(readings)
         self.producer.send_batch(batch, self._delivered)
@@ -523,8 +649,12 @@ class BacnetSourceRunner:
         if err is not None:
             self.stats.delivery_errors += 1
             if self.stats.delivery_errors == 1 or self.stats.delivery_errors % 1000 == 0:
-                log.error("source %s: Kafka delivery failed (%d so far): %s", self.cfg.id,
-                          self.stats.delivery_errors, err)
+                log.error(
+                    "source %s: Kafka delivery failed (%d so far): %s",
+                    self.cfg.id,
+                    self.stats.delivery_errors,
+                    err,
+                )
 
     def _dead_letter(self, reason: str, payload: dict[str, Any]) -> None:
         self.stats.dead_letters += 1
@@ -536,5 +666,10 @@ def _ok(v: Any) -> Any:
 
 
 def _default_client(cfg: BacnetSource) -> BacnetClient:
-    return BacnetClient(cfg.local_address, cfg.device_instance, apdu_timeout_ms=cfg.apdu_timeout,
-                        apdu_retries=cfg.apdu_retries, request_timeout=cfg.defaults.timeout / 1000)
+    return BacnetClient(
+        cfg.local_address,
+        cfg.device_instance,
+        apdu_timeout_ms=cfg.apdu_timeout,
+        apdu_retries=cfg.apdu_retries,
+        request_timeout=cfg.defaults.timeout / 1000,
+    )

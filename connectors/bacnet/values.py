@@ -12,12 +12,31 @@ NO_FAULT = "no-fault-detected"
 
 # Symbols for the common units; any other unit keeps its BACnet name (e.g. "kilovolt-amperes").
 UNIT_SYMBOLS = {
-    "degrees-celsius": "°C", "degrees-fahrenheit": "°F", "degrees-kelvin": "K", "pascals": "Pa",
-    "kilopascals": "kPa", "bars": "bar", "percent": "%", "percent-relative-humidity": "%RH",
-    "liters-per-second": "l/s", "cubic-meters-per-hour": "m³/h", "cubic-meters-per-second": "m³/s",
-    "parts-per-million": "ppm", "watts": "W", "kilowatts": "kW", "kilowatt-hours": "kWh", "volts": "V",
-    "amperes": "A", "hertz": "Hz", "revolutions-per-minute": "rpm", "seconds": "s", "minutes": "min",
-    "hours": "h", "liters-per-minute": "l/min", "meters-per-second": "m/s", "lux": "lx",
+    "degrees-celsius": "°C",
+    "degrees-fahrenheit": "°F",
+    "degrees-kelvin": "K",
+    "pascals": "Pa",
+    "kilopascals": "kPa",
+    "bars": "bar",
+    "percent": "%",
+    "percent-relative-humidity": "%RH",
+    "liters-per-second": "l/s",
+    "cubic-meters-per-hour": "m³/h",
+    "cubic-meters-per-second": "m³/s",
+    "parts-per-million": "ppm",
+    "watts": "W",
+    "kilowatts": "kW",
+    "kilowatt-hours": "kWh",
+    "volts": "V",
+    "amperes": "A",
+    "hertz": "Hz",
+    "revolutions-per-minute": "rpm",
+    "seconds": "s",
+    "minutes": "min",
+    "hours": "h",
+    "liters-per-minute": "l/min",
+    "meters-per-second": "m/s",
+    "lux": "lx",
 }
 
 
@@ -78,8 +97,15 @@ def numeric(value: Any) -> float:
 
 # Bytes an RPM answer spends on one object with these properties: object identifier and the
 # opening/closing tags (~7), then per property its identifier and tags (~4) and the value.
-_VALUE_BYTES = {"present-value": 6, "status-flags": 4, "reliability": 3, "units": 3, "object-name": 40,
-                "out-of-service": 2, "priority-array": 60}
+_VALUE_BYTES = {
+    "present-value": 6,
+    "status-flags": 4,
+    "reliability": 3,
+    "units": 3,
+    "object-name": 40,
+    "out-of-service": 2,
+    "priority-array": 60,
+}
 
 
 def objects_per_request(max_apdu: int, props: Sequence[str]) -> int:

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 
 
 def _duration(v: Any) -> int:
@@ -28,7 +29,19 @@ def _duration(v: Any) -> int:
     return parse_duration_ms(v)
 
 
-DurationMs = Annotated[int, BeforeValidator(_duration)]
+DurationMs = Annotated[
+    int,
+    BeforeValidator(_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds",
+        }
+    ),
+]
 
 # ns=<index>;<kind>=<id>  or  nsu=<namespace uri>;<kind>=<id>  or  <kind>=<id> (namespace 0)
 NODE_ID = re.compile(r"^(?:(?:ns=\d+|nsu=[^;]+);)?[isgb]=.+$", re.DOTALL)
@@ -64,10 +77,12 @@ class Deadband(_Model):
 class Monitoring(_Model):
     """Per-node monitoring settings; unset ones fall back to the source's ``defaults``."""
 
-    sampling_interval: DurationMs | None = Field(default=None,
-                                                 description="how often the server samples the value")
-    queue_size: int | None = Field(default=None, ge=1, le=10_000,
-                                   description="values the server queues per publish")
+    sampling_interval: DurationMs | None = Field(
+        default=None, description="how often the server samples the value"
+    )
+    queue_size: int | None = Field(
+        default=None, ge=1, le=10_000, description="values the server queues per publish"
+    )
     deadband: Deadband | None = None
 
 
@@ -80,8 +95,9 @@ class NodeDefaults(_Model):
 class NodeMapping(Monitoring):
     """One node by NodeId, mapped to site/device/point."""
 
-    node_id: str = Field(description="ns=2;s=..., nsu=<uri>;s=..., ns=2;i=..., ns=2;g=<guid>, "
-                                     "ns=2;b=<base64>")
+    node_id: str = Field(
+        description="ns=2;s=..., nsu=<uri>;s=..., ns=2;i=..., ns=2;g=<guid>, ns=2;b=<base64>"
+    )
     site: str | None = Field(default=None, description="site (default: the source's site)")
     device: str = Field(pattern=r"^[^/]+$")
     point: str = Field(min_length=1)
@@ -96,20 +112,28 @@ class NodeMapping(Monitoring):
 class BrowseMapping(Monitoring):
     """Every Variable under a folder or object whose browse name matches a glob."""
 
-    root: str = Field(description="NodeId of the folder or object to start from")
+    root: str = Field(
+        description="the folder or object to start from: a NodeId, or a browse path from the Root folder "
+        "such as /0:Objects/2:Plant/2:Loops"
+    )
     include: str = Field(default="*", description="glob on the Variable's browse name, e.g. 'PV' or 'Temp*'")
     exclude: str | None = Field(default=None, description="glob of browse names to leave out")
     recursive: bool = Field(default=True, description="descend into sub-folders and objects")
     max_depth: int = Field(default=8, ge=1, le=64)
     site: str | None = None
     device: str = Field(default="{parent}", description="template: {parent}, {name} or fixed text")
-    point: str = Field(default="{name}",
-                       description="template: {name}, {parent}, {path} (relative browse path)")
+    point: str = Field(
+        default="{name}", description="template: {name}, {parent}, {path} (relative browse path)"
+    )
     unit: str | None = None
 
     @field_validator("root")
     @classmethod
     def _root(cls, v: str) -> str:
+        if v.startswith("/"):
+            if not re.match(r"^(/\d+:[^/]+)+$", v):
+                raise ValueError("a browse path is /<ns>:<name>/<ns>:<name>..., e.g. /0:Objects/2:Plant")
+            return v
         return check_node_id(v)
 
     @field_validator("device", "point")
@@ -117,8 +141,9 @@ class BrowseMapping(Monitoring):
     def _template(cls, v: str) -> str:
         for name in re.findall(r"\{([^}]*)\}", v):
             if name not in TEMPLATE_FIELDS:
-                raise ValueError(f"unknown field {{{name}}}; allowed: "
-                                 + ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS))
+                raise ValueError(
+                    f"unknown field {{{name}}}; allowed: " + ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
+                )
         return v
 
     @field_validator("device")
@@ -136,29 +161,39 @@ class Security(_Model):
     private_key: Path | None = Field(default=None, description="client private key (PEM)")
     private_key_password: SecretStr | None = None
     server_certificate: Path | None = Field(
-        default=None, description="trusted server certificate; with trust_on_first_use, where it is stored")
+        default=None, description="trusted server certificate; with trust_on_first_use, where it is stored"
+    )
     trust_on_first_use: bool = Field(
-        default=False, description="store the server's certificate at server_certificate on first connect, "
-                                   "then insist on it")
-    application_uri: str = Field(default="urn:plantstream:client",
-                                 description="must match the URI in the client certificate")
+        default=False,
+        description="store the server's certificate at server_certificate on first connect, "
+        "then insist on it",
+    )
+    application_uri: str = Field(
+        default="urn:plantstream:client", description="must match the URI in the client certificate"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Security:
         if (self.policy == "None") != (self.mode == "None"):
-            raise ValueError("policy and mode go together: policy None with mode None, or policy "
-                             "Basic256Sha256 with mode Sign or SignAndEncrypt")
+            raise ValueError(
+                "policy and mode go together: policy None with mode None, or policy "
+                "Basic256Sha256 with mode Sign or SignAndEncrypt"
+            )
         if self.policy != "None":
             missing = [f for f in ("certificate", "private_key") if getattr(self, f) is None]
             if missing:
-                raise ValueError(f"policy {self.policy} needs a client {' and '.join(missing)} "
-                                 "(paths to the files)")
+                raise ValueError(
+                    f"policy {self.policy} needs a client {' and '.join(missing)} (paths to the files)"
+                )
             if self.server_certificate is None:
-                raise ValueError("policy Basic256Sha256 needs server_certificate: the trusted server "
-                                 "certificate file, or where to store it with trust_on_first_use: true")
+                raise ValueError(
+                    "policy Basic256Sha256 needs server_certificate: the trusted server "
+                    "certificate file, or where to store it with trust_on_first_use: true"
+                )
         if self.trust_on_first_use and self.server_certificate is None:
-            raise ValueError("trust_on_first_use needs server_certificate: the file to store the "
-                             "certificate in")
+            raise ValueError(
+                "trust_on_first_use needs server_certificate: the file to store the certificate in"
+            )
         return self
 
 
@@ -182,9 +217,11 @@ class OpcUaSource(_Model):
     username: str | None = None
     password: SecretStr | None = None
     timestamp: Literal["source", "server"] = Field(
-        default="source", description="which timestamp becomes the reading's ts; both are kept in status")
-    publishing_interval: DurationMs = Field(default=1000,
-                                            description="how often the server sends notifications")
+        default="source", description="which timestamp becomes the reading's ts; both are kept in status"
+    )
+    publishing_interval: DurationMs = Field(
+        default=1000, description="how often the server sends notifications"
+    )
     defaults: NodeDefaults = Field(default_factory=lambda: NodeDefaults.model_validate({}))
     nodes: list[NodeMapping] = Field(default_factory=list)
     browse: list[BrowseMapping] = Field(default_factory=list)
@@ -202,8 +239,9 @@ class OpcUaSource(_Model):
     @model_validator(mode="after")
     def _complete(self) -> OpcUaSource:
         if not self.nodes and not self.browse:
-            raise ValueError("give at least one entry in 'nodes' (by NodeId) or 'browse' "
-                             "(by folder and glob)")
+            raise ValueError(
+                "give at least one entry in 'nodes' (by NodeId) or 'browse' (by folder and glob)"
+            )
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together: set both, or neither for anonymous")
         seen: dict[tuple[str, str, str], str] = {}

@@ -86,8 +86,15 @@ class Skip(Exception):
         self.why = why
 
 
-def to_reading(spec: NodeSpec, value: Any, code: int, source_ts: datetime | None, server_ts: datetime | None,
-               use: Literal["source", "server"], received_ms: int) -> BatchReading:
+def to_reading(
+    spec: NodeSpec,
+    value: Any,
+    code: int,
+    source_ts: datetime | None,
+    server_ts: datetime | None,
+    use: Literal["source", "server"],
+    received_ms: int,
+) -> BatchReading:
     """Turn one monitored-item notification into a reading, or raise InvalidRecord / Skip.
 
     ``ts`` is the chosen timestamp, falling back to the other one and then to the arrival time; both
@@ -111,8 +118,12 @@ def to_reading(spec: NodeSpec, value: Any, code: int, source_ts: datetime | None
     if last.ts is not None and ts <= last.ts:
         raise Skip("duplicate")
     db = spec.deadband
-    if (db is not None and last.value is not None and quality == last.quality
-            and abs(v - last.value) <= db.threshold):
+    if (
+        db is not None
+        and last.value is not None
+        and quality == last.quality
+        and abs(v - last.value) <= db.threshold
+    ):
         # Checked here too, against the last value sent: servers that ignore the filter (or compare with
         # the previous sample rather than the last reported value) still honour the deadband.
         raise Skip("deadband")

@@ -42,8 +42,10 @@ async def _presented(client: Client, sec: Security) -> bytes:
                 raise FatalError(f"the server's {sec.policy}/{sec.mode} endpoint carries no certificate")
             return first_certificate(ep.ServerCertificate)
     offered = sorted({f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}" for e in endpoints})
-    raise FatalError(f"the server offers no {sec.policy}/{sec.mode} endpoint; it offers: {', '.join(offered)}"
-                     " (change security.policy/security.mode)")
+    raise FatalError(
+        f"the server offers no {sec.policy}/{sec.mode} endpoint; it offers: {', '.join(offered)}"
+        " (change security.policy/security.mode)"
+    )
 
 
 async def configure(client: Client, sec: Security, source_id: str) -> None:
@@ -60,21 +62,34 @@ async def configure(client: Client, sec: Security, source_id: str) -> None:
     if path.is_file():
         trusted = (await uacrypto.load_certificate(str(path))).public_bytes(Encoding.DER)
         if trusted != presented:
-            how = (f"delete {path} to trust the new one on the next connect" if sec.trust_on_first_use
-                   else f"replace {path} with the server's new certificate if the change is legitimate")
-            raise FatalError(f"the server presents a certificate different from the trusted one in {path}: "
-                             f"{how}")
+            how = (
+                f"delete {path} to trust the new one on the next connect"
+                if sec.trust_on_first_use
+                else f"replace {path} with the server's new certificate if the change is legitimate"
+            )
+            raise FatalError(
+                f"the server presents a certificate different from the trusted one in {path}: {how}"
+            )
     elif sec.trust_on_first_use:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(presented)
         log.warning("source %s: trusting the server certificate on first use; stored in %s", source_id, path)
     else:
-        raise FatalError(f"security.server_certificate: {path} does not exist (copy the server's certificate "
-                         "there, or set trust_on_first_use: true)")
+        raise FatalError(
+            f"security.server_certificate: {path} does not exist (copy the server's certificate "
+            "there, or set trust_on_first_use: true)"
+        )
     password = sec.private_key_password.get_secret_value() if sec.private_key_password else None
     try:
-        await client.set_security(_POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
-                                  password, str(path), _MODES[sec.mode])
+        await client.set_security(
+            _POLICIES[sec.policy],
+            str(sec.certificate),
+            str(sec.private_key),
+            password,
+            str(path),
+            _MODES[sec.mode],
+        )
     except (ValueError, TypeError, OSError) as e:
-        raise FatalError(f"cannot load the client certificate or key ({sec.certificate}, {sec.private_key}): "
-                         f"{e}") from None
+        raise FatalError(
+            f"cannot load the client certificate or key ({sec.certificate}, {sec.private_key}): {e}"
+        ) from None

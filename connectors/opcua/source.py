@@ -50,20 +50,28 @@ ClientFactory = Callable[[str, float], Client]
 _FATAL_CODES = {
     ua.StatusCodes.BadUserAccessDenied: "the server refused the user {user!r}: check username and password",
     ua.StatusCodes.BadIdentityTokenInvalid: "the server does not accept this kind of identity ({auth}); "
-                                            "check username/password or allow anonymous access on the server",
+    "check username/password or allow anonymous access on the server",
     ua.StatusCodes.BadIdentityTokenRejected: "the server rejected the identity token ({auth}); "
-                                             "check username and password",
+    "check username and password",
     ua.StatusCodes.BadSecurityPolicyRejected: "the server rejected security policy {policy}/{mode}",
     ua.StatusCodes.BadCertificateUntrusted: "the server does not trust the client certificate: add it to "
-                                            "the server's trusted certificates",
+    "the server's trusted certificates",
     ua.StatusCodes.BadCertificateInvalid: "the server finds the client certificate invalid",
     ua.StatusCodes.BadCertificateUriInvalid: "the client certificate's URI does not match "
-                                             "security.application_uri",
+    "security.application_uri",
 }
-_NODE_GONE = {ua.StatusCodes.BadNodeIdUnknown, ua.StatusCodes.BadNodeIdInvalid,
-              ua.StatusCodes.BadAttributeIdInvalid, ua.StatusCodes.BadNotReadable}
-_FILTER_REFUSED = {ua.StatusCodes.BadMonitoredItemFilterUnsupported, ua.StatusCodes.BadFilterNotAllowed,
-                   ua.StatusCodes.BadDeadbandFilterInvalid, ua.StatusCodes.BadMonitoredItemFilterInvalid}
+_NODE_GONE = {
+    ua.StatusCodes.BadNodeIdUnknown,
+    ua.StatusCodes.BadNodeIdInvalid,
+    ua.StatusCodes.BadAttributeIdInvalid,
+    ua.StatusCodes.BadNotReadable,
+}
+_FILTER_REFUSED = {
+    ua.StatusCodes.BadMonitoredItemFilterUnsupported,
+    ua.StatusCodes.BadFilterNotAllowed,
+    ua.StatusCodes.BadDeadbandFilterInvalid,
+    ua.StatusCodes.BadMonitoredItemFilterInvalid,
+}
 _CHUNK = 1000  # items per CreateMonitoredItems / Read / TranslateBrowsePaths request
 
 
@@ -115,8 +123,9 @@ class _Handler:
 
 
 class OpcUaSourceRunner:
-    def __init__(self, cfg: OpcUaSource, producer: TelemetryProducer, *,
-                 client_factory: ClientFactory | None = None) -> None:
+    def __init__(
+        self, cfg: OpcUaSource, producer: TelemetryProducer, *, client_factory: ClientFactory | None = None
+    ) -> None:
         self.cfg = cfg
         self.producer = producer
         self.stats = Stats()
@@ -131,6 +140,9 @@ class OpcUaSourceRunner:
         self._lost_reason = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ns_cache: dict[str, int] = {}
+        quiet = logging.getLogger("asyncua")
+        if quiet.level == logging.NOTSET:  # asyncua logs every publish response at INFO
+            quiet.setLevel(logging.WARNING)
 
     # -- entry point ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -168,14 +180,25 @@ class OpcUaSourceRunner:
                     attempt = 0
                     backoff = delays(self.cfg.reconnect.initial / 1000, self.cfg.reconnect.max / 1000)
                     delay = next(backoff)
-                    log.warning("source %s: connection to %s lost (%s); reconnecting in %.1fs", self.cfg.id,
-                                self.cfg.endpoint, reason, delay)
+                    log.warning(
+                        "source %s: connection to %s lost (%s); reconnecting in %.1fs",
+                        self.cfg.id,
+                        self.cfg.endpoint,
+                        reason,
+                        delay,
+                    )
                 else:
                     self.stats.connect_failures += 1
                     attempt += 1
                     delay = next(backoff)
-                    log.warning("source %s: cannot connect to %s (%s); attempt %d failed, next in %.1fs",
-                                self.cfg.id, self.cfg.endpoint, reason, attempt, delay)
+                    log.warning(
+                        "source %s: cannot connect to %s (%s); attempt %d failed, next in %.1fs",
+                        self.cfg.id,
+                        self.cfg.endpoint,
+                        reason,
+                        attempt,
+                        delay,
+                    )
                 await _sleep(stop, delay)
         finally:
             self._flush()
@@ -215,13 +238,23 @@ class OpcUaSourceRunner:
             self.stats.sessions += 1
             self.connected.set()
             if lost_at is None:
-                log.info("source %s: connected to %s, subscribed to %d node(s)", cfg.id, cfg.endpoint,
-                         self.stats.monitored)
+                log.info(
+                    "source %s: connected to %s, subscribed to %d node(s)",
+                    cfg.id,
+                    cfg.endpoint,
+                    self.stats.monitored,
+                )
             else:
                 self.stats.reconnects += 1
-                log.warning("source %s: reconnected to %s after %.1fs; subscription recreated with %d "
-                            "node(s) (reconnect #%d)", cfg.id, cfg.endpoint, time.monotonic() - lost_at,
-                            self.stats.monitored, self.stats.reconnects)
+                log.warning(
+                    "source %s: reconnected to %s after %.1fs; subscription recreated with %d "
+                    "node(s) (reconnect #%d)",
+                    cfg.id,
+                    cfg.endpoint,
+                    time.monotonic() - lost_at,
+                    self.stats.monitored,
+                    self.stats.reconnects,
+                )
             next_check = time.monotonic() + 1.0
             while not stop.is_set() and not lost.is_set():
                 await asyncio.sleep(0.1)
@@ -245,8 +278,9 @@ class OpcUaSourceRunner:
             if hint is None:
                 raise
             auth = f"user {cfg.username!r}" if cfg.username else "anonymous"
-            msg = hint.format(user=cfg.username, auth=auth, policy=cfg.security.policy,
-                              mode=cfg.security.mode)
+            msg = hint.format(
+                user=cfg.username, auth=auth, policy=cfg.security.policy, mode=cfg.security.mode
+            )
             raise FatalError(f"{msg} ({status_name(e.code)} from {cfg.endpoint})") from None
 
     async def _close(self, client: Client, graceful: bool) -> None:
@@ -276,16 +310,24 @@ class OpcUaSourceRunner:
             return _nid(nid.Identifier, self._ns_cache[uri], nid.NodeIdType)
         return _nid(nid.Identifier, nid.NamespaceIndex, nid.NodeIdType)
 
-    def _spec(self, node_id: str, site: str | None, device: str, point: str, unit: str | None,
-              mon: Monitoring) -> NodeSpec:
+    def _spec(
+        self, node_id: str, site: str | None, device: str, point: str, unit: str | None, mon: Monitoring
+    ) -> NodeSpec:
         d = self.cfg.defaults
         db_cfg = mon.deadband or d.deadband
         key = (site or self.cfg.site, device, point)
         state = self._states.setdefault(key, FilterState())
-        return NodeSpec(node_id=node_id, site=key[0], device=device, point=point, unit=unit,
-                        sampling_interval=mon.sampling_interval or d.sampling_interval,
-                        queue_size=mon.queue_size or d.queue_size,
-                        deadband=Deadband(db_cfg.type, db_cfg.value) if db_cfg else None, state=state)
+        return NodeSpec(
+            node_id=node_id,
+            site=key[0],
+            device=device,
+            point=point,
+            unit=unit,
+            sampling_interval=mon.sampling_interval or d.sampling_interval,
+            queue_size=mon.queue_size or d.queue_size,
+            deadband=Deadband(db_cfg.type, db_cfg.value) if db_cfg else None,
+            state=state,
+        )
 
     async def _resolve(self, client: Client) -> list[tuple[NodeSpec, ua.NodeId]]:
         out: list[tuple[NodeSpec, ua.NodeId]] = []
@@ -302,8 +344,12 @@ class OpcUaSourceRunner:
         for spec, nid in out:
             key = (spec.site, spec.device, spec.point)
             if key in seen:
-                log.warning("source %s: %s maps to %s, which another node already has; ignored", self.cfg.id,
-                            spec.node_id, "/".join(key))
+                log.warning(
+                    "source %s: %s maps to %s, which another node already has; ignored",
+                    self.cfg.id,
+                    spec.node_id,
+                    "/".join(key),
+                )
                 continue
             seen.add(key)
             unique.append((spec, nid))
@@ -311,8 +357,10 @@ class OpcUaSourceRunner:
 
     async def _browse(self, client: Client, b: BrowseMapping) -> list[tuple[NodeSpec, ua.NodeId]]:
         try:
-            root_id = await self._node_id(client, b.root)
-            root = client.get_node(root_id)
+            if b.root.startswith("/"):  # a browse path from the Root folder
+                root = await client.nodes.root.get_child(b.root.strip("/").split("/"))
+            else:
+                root = client.get_node(await self._node_id(client, b.root))
             root_name = (await root.read_browse_name()).Name
         except (_UnknownNode, ua.UaStatusCodeError) as e:
             self.stats.node_errors += 1
@@ -321,8 +369,11 @@ class OpcUaSourceRunner:
         found: list[tuple[NodeSpec, ua.NodeId]] = []
 
         async def walk(node: Any, parent: str, rel: str, depth: int) -> None:
-            refs = await node.get_references(refs=ua.ObjectIds.HierarchicalReferences,
-                                             direction=ua.BrowseDirection.Forward, includesubtypes=True)
+            refs = await node.get_references(
+                refs=ua.ObjectIds.HierarchicalReferences,
+                direction=ua.BrowseDirection.Forward,
+                includesubtypes=True,
+            )
             for ref in refs:
                 if ref.ReferenceTypeId == _HAS_PROPERTY:
                     continue  # EURange, EngineeringUnits and the like describe a node; they are not points
@@ -330,8 +381,14 @@ class OpcUaSourceRunner:
                 nid = _nid(ref.NodeId.Identifier, ref.NodeId.NamespaceIndex, ref.NodeId.NodeIdType)
                 if ref.NodeClass == ua.NodeClass.Variable:
                     if matches(name, b.include, b.exclude):
-                        spec = self._spec(nid.to_string(), b.site, render(b.device, name, parent, rel + name),
-                                          render(b.point, name, parent, rel + name), b.unit, b)
+                        spec = self._spec(
+                            nid.to_string(),
+                            b.site,
+                            render(b.device, name, parent, rel + name),
+                            render(b.point, name, parent, rel + name),
+                            b.unit,
+                            b,
+                        )
                         found.append((spec, nid))
                 elif ref.NodeClass == ua.NodeClass.Object and b.recursive and depth < b.max_depth:
                     await walk(client.get_node(nid), name, f"{rel}{name}/", depth + 1)
@@ -341,8 +398,9 @@ class OpcUaSourceRunner:
             log.warning("source %s: no Variable under %s matches %r", self.cfg.id, b.root, b.include)
         return found
 
-    async def _properties(self, client: Client,
-                          specs: list[tuple[NodeSpec, ua.NodeId]]) -> list[tuple[NodeSpec, ua.NodeId]]:
+    async def _properties(
+        self, client: Client, specs: list[tuple[NodeSpec, ua.NodeId]]
+    ) -> list[tuple[NodeSpec, ua.NodeId]]:
         """Read EngineeringUnits (for units) and EURange (for percent deadbands) in a few batched requests.
 
         Also where an unknown node shows up first: its browse paths fail with BadNodeIdUnknown.
@@ -356,7 +414,7 @@ class OpcUaSourceRunner:
                 paths.append(bp)
         results: list[Any] = []
         for i in range(0, len(paths), _CHUNK):
-            results.extend(await client.uaclient.translate_browsepaths_to_nodeids(paths[i:i + _CHUNK]))
+            results.extend(await client.uaclient.translate_browsepaths_to_nodeids(paths[i : i + _CHUNK]))
         targets: list[tuple[int, str, ua.NodeId]] = []
         kept = []
         for i, (spec, nid) in enumerate(specs):
@@ -371,7 +429,7 @@ class OpcUaSourceRunner:
                     targets.append((len(kept) - 1, what, _nid(t.Identifier, t.NamespaceIndex, t.NodeIdType)))
         values: list[Any] = []
         for i in range(0, len(targets), _CHUNK):
-            chunk = targets[i:i + _CHUNK]
+            chunk = targets[i : i + _CHUNK]
             values.extend(await client.read_values([client.get_node(t[2]) for t in chunk]))
         ranges: dict[int, Any] = {}
         for (idx, what, _), v in zip(targets, values, strict=True):
@@ -390,7 +448,8 @@ class OpcUaSourceRunner:
                     raise FatalError(
                         f"node {spec.node_id} ({spec.site}/{spec.device}/{spec.point}) has a percent "
                         "deadband, which needs the node's EURange property, and the server has none for it: "
-                        "use 'deadband: {type: absolute, value: ...}' for this node")
+                        "use 'deadband: {type: absolute, value: ...}' for this node"
+                    )
                 db.span = float(rng.High) - float(rng.Low)
         return kept
 
@@ -402,7 +461,7 @@ class OpcUaSourceRunner:
         ok = 0
         retry = []
         for i in range(0, len(reqs), _CHUNK):
-            chunk = reqs[i:i + _CHUNK]
+            chunk = reqs[i : i + _CHUNK]
             for req, res in zip(chunk, await sub.create_monitored_items(chunk), strict=True):
                 h = req.RequestedParameters.ClientHandle
                 if isinstance(res, int):
@@ -412,8 +471,11 @@ class OpcUaSourceRunner:
                 else:
                     self._report_node(handles[h], status_name(res.value))
         if retry:
-            log.info("source %s: the server refuses deadband filters on %d node(s); filtering on the client",
-                     self.cfg.id, len(retry))
+            log.info(
+                "source %s: the server refuses deadband filters on %d node(s); filtering on the client",
+                self.cfg.id,
+                len(retry),
+            )
             by_handle = {h: nid for h, (_, nid) in enumerate(specs, start=1)}
             again = [_request(h, by_handle[h], handles[h], with_filter=False) for h in retry]
             for req, res in zip(again, await sub.create_monitored_items(again), strict=True):
@@ -436,8 +498,9 @@ class OpcUaSourceRunner:
         self.stats.notifications += 1
         code = _status_code(dv)
         try:
-            r = to_reading(spec, value, code, dv.SourceTimestamp, dv.ServerTimestamp, self.cfg.timestamp,
-                           now_ms())
+            r = to_reading(
+                spec, value, code, dv.SourceTimestamp, dv.ServerTimestamp, self.cfg.timestamp, now_ms()
+            )
         except Skip as s:
             if s.why == "duplicate":
                 self.stats.duplicates += 1
@@ -448,9 +511,17 @@ class OpcUaSourceRunner:
             if code in _NODE_GONE:
                 self._report_node(spec, status_name(code))
             else:
-                self._dead_letter(e.reason, {"node_id": spec.node_id, "site": spec.site,
-                                             "device": spec.device, "point": spec.point,
-                                             "value": repr(value)[:200], "status": code})
+                self._dead_letter(
+                    e.reason,
+                    {
+                        "node_id": spec.node_id,
+                        "site": spec.site,
+                        "device": spec.device,
+                        "point": spec.point,
+                        "value": repr(value)[:200],
+                        "status": code,
+                    },
+                )
             return
         key = (spec.site, spec.device)
         buf = self._pending.setdefault(key, [])
@@ -470,8 +541,13 @@ class OpcUaSourceRunner:
             self._send(key, readings)
 
     def _send(self, key: tuple[str, str], readings: list[BatchReading]) -> None:
-        batch: ReadingBatch = {"v": 1, "source": self.cfg.id, "site": key[0], "device": key[1],
-                               "readings": readings}
+        batch: ReadingBatch = {
+            "v": 1,
+            "source": self.cfg.id,
+            "site": key[0],
+            "device": key[1],
+            "readings": readings,
+        }
         self.stats.batches += 1
         self.stats.readings += len(readings)
         self.producer.send_batch(batch, self._delivered)
@@ -480,16 +556,34 @@ class OpcUaSourceRunner:
         if err is not None:
             self.stats.delivery_errors += 1
             if self.stats.delivery_errors == 1 or self.stats.delivery_errors % 1000 == 0:
-                log.error("source %s: Kafka delivery failed (%d so far): %s", self.cfg.id,
-                          self.stats.delivery_errors, err)
+                log.error(
+                    "source %s: Kafka delivery failed (%d so far): %s",
+                    self.cfg.id,
+                    self.stats.delivery_errors,
+                    err,
+                )
 
     def _report_node(self, spec: NodeSpec, why: str) -> None:
         self.stats.node_errors += 1
-        log.warning("source %s: node %s (%s/%s/%s) is not monitored: %s", self.cfg.id, spec.node_id,
-                    spec.site, spec.device, spec.point, why)
-        self._dead_letter(f"node unknown: {spec.node_id}: {why}",
-                          {"node_id": spec.node_id, "site": spec.site, "device": spec.device,
-                           "point": spec.point, "status": why})
+        log.warning(
+            "source %s: node %s (%s/%s/%s) is not monitored: %s",
+            self.cfg.id,
+            spec.node_id,
+            spec.site,
+            spec.device,
+            spec.point,
+            why,
+        )
+        self._dead_letter(
+            f"node unknown: {spec.node_id}: {why}",
+            {
+                "node_id": spec.node_id,
+                "site": spec.site,
+                "device": spec.device,
+                "point": spec.point,
+                "status": why,
+            },
+        )
 
     def _dead_letter(self, reason: str, payload: dict[str, Any]) -> None:
         self.stats.dead_letters += 1

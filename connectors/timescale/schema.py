@@ -50,8 +50,27 @@ TABLES = {
             status      jsonb,
             PRIMARY KEY (series, time)
         ){partition}""",
+    # One row per loop, KPI window and KPI (connectors/timescale/kpi.py writes it).
+    "kpi_results": """
+        CREATE TABLE IF NOT EXISTS {schema}.kpi_results (
+            window_start timestamptz      NOT NULL,
+            loop_id      text             NOT NULL,
+            kpi          text             NOT NULL,
+            value        double precision,
+            status       text             NOT NULL,
+            coverage     double precision,
+            horizon_s    double precision,
+            reason       text,
+            extras       jsonb,
+            window_end   timestamptz      NOT NULL,
+            samples      integer          NOT NULL,
+            closed_by    text             NOT NULL,
+            written_at   timestamptz      NOT NULL DEFAULT now(),
+            PRIMARY KEY (loop_id, kpi, window_start)
+        ){partition}""",
 }
-TIME_COLUMN = {"agg_1m": "bucket", "readings": "time"}
+TIME_COLUMN = {"agg_1m": "bucket", "readings": "time", "kpi_results": "window_start"}
+SEGMENT_BY = {"kpi_results": "loop_id"}  # TimescaleDB compression; 'series' for the others
 
 OFFSETS = """
     CREATE TABLE IF NOT EXISTS {schema}.sink_offsets (
@@ -134,9 +153,8 @@ def create_schema(
                 )
                 conn.execute(
                     sql.SQL(
-                        "ALTER TABLE {}.{} SET (timescaledb.compress, "
-                        "timescaledb.compress_segmentby = 'series')"
-                    ).format(ident, sql.Identifier(table))
+                        "ALTER TABLE {}.{} SET (timescaledb.compress, timescaledb.compress_segmentby = {})"
+                    ).format(ident, sql.Identifier(table), sql.Literal(SEGMENT_BY.get(table, "series")))
                 )
                 conn.execute(
                     "SELECT add_compression_policy(%s, interval '7 days', if_not_exists => true)",

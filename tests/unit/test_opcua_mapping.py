@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -100,12 +101,18 @@ def test_absolute_deadband_compares_with_the_last_value_sent() -> None:
 def test_percent_deadband_uses_the_eurange_span_and_quality_changes_pass() -> None:
     s = spec(deadband=Deadband("percent", 5.0, span=200.0))  # threshold 10
     sent = []
-    for i, (v, code) in enumerate([(50.0, GOOD), (59.0, GOOD), (61.0, GOOD), (62.0, UNCERTAIN_LAST_USABLE),
-                                   (63.0, UNCERTAIN_LAST_USABLE), (75.0, UNCERTAIN_LAST_USABLE)]):
-        try:
+    for i, (v, code) in enumerate(
+        [
+            (50.0, GOOD),
+            (59.0, GOOD),
+            (61.0, GOOD),
+            (62.0, UNCERTAIN_LAST_USABLE),
+            (63.0, UNCERTAIN_LAST_USABLE),
+            (75.0, UNCERTAIN_LAST_USABLE),
+        ]
+    ):
+        with contextlib.suppress(Skip):
             sent.append(to_reading(s, v, code, T0 + timedelta(seconds=i), T0, "source", 0)["value"])
-        except Skip:
-            pass
     assert sent == [50.0, 61.0, 62.0, 75.0]
 
 
@@ -118,8 +125,13 @@ def test_templates_and_globs() -> None:
 
 
 def base(**kw: object) -> dict[str, object]:
-    src: dict[str, object] = {"id": "plant", "type": "opcua", "endpoint": "opc.tcp://127.0.0.1:4840/x", "site": "s1",
-                              "nodes": [{"node_id": "ns=2;s=A", "device": "d", "point": "p"}]}
+    src: dict[str, object] = {
+        "id": "plant",
+        "type": "opcua",
+        "endpoint": "opc.tcp://127.0.0.1:4840/x",
+        "site": "s1",
+        "nodes": [{"node_id": "ns=2;s=A", "device": "d", "point": "p"}],
+    }
     src.update(kw)
     return {"name": "t", "sources": [src]}
 
@@ -138,15 +150,29 @@ def test_valid_source_loads_with_defaults() -> None:
     assert src.security.policy == "None" and src.reconnect.max == 5_000
 
 
-@pytest.mark.parametrize("node_id", ["ns=2;s=Plant/TIC101/PV", "nsu=urn:plant;s=T1", "ns=3;i=1001", "i=2258",
-                                     "ns=2;g=6f1c1d2e-3b4a-4c5d-8e9f-a0b1c2d3e4f5", "ns=2;b=cGxhbnQ="])
+@pytest.mark.parametrize(
+    "node_id",
+    [
+        "ns=2;s=Plant/TIC101/PV",
+        "nsu=urn:plant;s=T1",
+        "ns=3;i=1001",
+        "i=2258",
+        "ns=2;g=6f1c1d2e-3b4a-4c5d-8e9f-a0b1c2d3e4f5",
+        "ns=2;b=cGxhbnQ=",
+    ],
+)
 def test_node_id_forms_accepted(node_id: str) -> None:
     validate_data(base(nodes=[{"node_id": node_id, "device": "d", "point": "p"}]))
 
 
 def test_config_mistakes_name_the_field_and_the_fix() -> None:
-    out = problems(base(nodes=[{"node_id": "Plant.PV", "device": "d", "point": "p", "colour": 1}],
-                        endpoint="http://x", security={"policy": "Basic256Sha256", "mode": "Sign"}))
+    out = problems(
+        base(
+            nodes=[{"node_id": "Plant.PV", "device": "d", "point": "p", "colour": 1}],
+            endpoint="http://x",
+            security={"policy": "Basic256Sha256", "mode": "Sign"},
+        )
+    )
     text = "\n".join(out)
     assert "sources[0].endpoint: expected opc.tcp://host:port[/path]" in text
     assert "sources[0].nodes[0].node_id: expected a NodeId" in text
@@ -156,15 +182,46 @@ def test_config_mistakes_name_the_field_and_the_fix() -> None:
 
 def test_more_config_mistakes() -> None:
     assert any("username and password go together" in p for p in problems(base(username="u")))
-    assert any("percent deadband must be at most 100" in p for p in problems(
-        base(defaults={"deadband": {"type": "percent", "value": 150}})))
+    assert any(
+        "percent deadband must be at most 100" in p
+        for p in problems(base(defaults={"deadband": {"type": "percent", "value": 150}}))
+    )
     assert any("give at least one entry in 'nodes'" in p for p in problems(base(nodes=[])))
-    assert any("cannot contain '/'" in p for p in problems(base(browse=[{"root": "ns=2;s=P", "device": "{path}"}])))
-    assert any("both map to s1/d/p" in p for p in problems(base(nodes=[
-        {"node_id": "ns=2;s=A", "device": "d", "point": "p"}, {"node_id": "ns=2;s=B", "device": "d", "point": "p"}])))
-    assert any("policy and mode go together" in p for p in problems(base(security={"policy": "Basic256Sha256"})))
+    assert any(
+        "cannot contain '/'" in p for p in problems(base(browse=[{"root": "ns=2;s=P", "device": "{path}"}]))
+    )
+    assert any(
+        "both map to s1/d/p" in p
+        for p in problems(
+            base(
+                nodes=[
+                    {"node_id": "ns=2;s=A", "device": "d", "point": "p"},
+                    {"node_id": "ns=2;s=B", "device": "d", "point": "p"},
+                ]
+            )
+        )
+    )
+    assert any(
+        "policy and mode go together" in p for p in problems(base(security={"policy": "Basic256Sha256"}))
+    )
 
 
 def test_password_is_not_printed() -> None:
     topo = validate_data(base(username="op", password="s3cret"))
     assert "s3cret" not in repr(topo) and "s3cret" not in str(topo.sources[0])
+
+
+def test_sample_config_is_valid() -> None:
+    from pathlib import Path
+
+    from pipeline.topology import load
+
+    topo = load(Path(__file__).resolve().parents[2] / "connectors" / "opcua" / "sample.yaml", env={})
+    src = topo.sources[0]
+    assert isinstance(src, OpcUaSource) and src.security.mode == "SignAndEncrypt" and len(src.nodes) == 2
+
+
+def test_browse_root_as_node_id_or_browse_path() -> None:
+    validate_data(base(browse=[{"root": "/0:Objects/2:Plant/2:Loops"}]))
+    text = "\n".join(problems(base(browse=[{"root": "/Objects/Plant"}])))
+    assert "sources[0].browse[0].root: a browse path is /<ns>:<name>" in text

@@ -59,6 +59,43 @@ def test_aggregate_and_latest():
         jsonschema.validate(c.aggregate, schema("aggregate.json"))
 
 
+def test_loop_kpi():
+    from pipeline.loops import LoopDef, LoopEngine, run_job
+    from pipeline.topology import validate_data
+
+    loop = {
+        "id": "TIC-1",
+        "pv": "a/b/pv",
+        "sp": "a/b/sp",
+        "op": "a/b/op",
+        "mode": "a/b/mode",
+        "pv_lo": 0,
+        "pv_hi": 10,
+        "ti": 20,
+        "ts": 1,
+        "window": "1m",
+    }
+    topo = validate_data({"name": "s", "loops": [loop]})
+    engine = LoopEngine({}, {"TIC-1": LoopDef.from_topology(topo.loops[0])})
+    samples = [
+        [tag, T0 + k * 1000, v, 1]
+        for k in range(90)
+        for tag, v in ((0, 5.0 + 0.1 * (k % 7)), (1, 5.0), (2, 40.0 + k % 3), (3, 1.0 if k < 50 else 0.0))
+    ]
+    engine.apply("TIC-1", 0, 0, samples)
+    job = engine.due("TIC-1", flush_all=True)
+    assert job is not None
+    records = json.loads(json.dumps(run_job(job).records))
+    assert [r["closed_by"] for r in records] == ["watermark", "idle"]
+    for rec in records:
+        jsonschema.validate(rec, schema("loop-kpi.json"))
+    assert records[0]["kpis"]["service_factor"]["value"] == pytest.approx(100 * 50 / 60)
+    bad = json.loads(json.dumps(records[0]))
+    bad["kpis"]["no_such_kpi"] = bad["kpis"]["iae"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema("loop-kpi.json"))
+
+
 def test_dead_letter_text_and_binary():
     jsonschema.validate(dead_letter("src", "malformed: x", b"abc", topic="t"), schema("dead-letter.json"))
     dl = dead_letter("src", "malformed: x", b"\xff\x00", topic="t")
