@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
 
 from connectors.timescale.schema import create_schema
 from pipeline.topology import Topology
@@ -20,16 +27,26 @@ class TopicSpec:
     config: dict[str, str]
 
 
+def event_time_retention(max_bytes: int) -> dict[str, str]:
+    """Retention by size only, for topics whose record timestamps are event times.
+
+    Kafka's time retention compares the record timestamps with the wall clock: a backfill of data measured
+    last month, written today, would be deleted at the next retention check. So these topics keep a
+    bounded number of bytes per partition instead.
+    """
+    return {"retention.ms": "-1", "retention.bytes": str(max_bytes)}
+
+
 def topic_specs(topo: Topology) -> list[TopicSpec]:
     n = topo.broker.partitions
     return [
         TopicSpec(
             topo.raw_topic,
             n,
-            {"retention.ms": str(topo.broker.raw_retention), "compression.type": "producer"},
+            {**event_time_retention(topo.broker.raw_retention_bytes), "compression.type": "producer"},
         ),
         TopicSpec(topo.dlq_topic, 1, {"retention.ms": str(30 * DAY_MS)}),
-        TopicSpec(topo.agg_topic, n, {"retention.ms": str(30 * DAY_MS)}),
+        TopicSpec(topo.agg_topic, n, event_time_retention(topo.broker.agg_retention_bytes)),
         TopicSpec(
             topo.latest_topic,
             n,
@@ -46,8 +63,8 @@ def _loop_topics(topo: Topology) -> list[TopicSpec]:
         return []
     n = topo.broker.partitions
     return [
-        TopicSpec(topo.loop_samples_topic, n, {"retention.ms": str(topo.broker.raw_retention)}),
-        TopicSpec(topo.loop_kpi_topic, n, {"retention.ms": str(365 * DAY_MS)}),
+        TopicSpec(topo.loop_samples_topic, n, event_time_retention(topo.broker.raw_retention_bytes)),
+        TopicSpec(topo.loop_kpi_topic, n, event_time_retention(topo.broker.agg_retention_bytes)),
     ]
 
 
@@ -81,6 +98,15 @@ def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[st
             )
             continue
         have = len(existing[spec.name].partitions)
+        # Bring the settings of an existing topic to the spec too (retention, compaction).
+        resource = ConfigResource(
+            ConfigResource.Type.TOPIC,
+            spec.name,
+            incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in spec.config.items()
+            ],
+        )
+        admin.incremental_alter_configs([resource])[resource].result(15)
         if have < spec.partitions:
             admin.create_partitions([NewPartitions(spec.name, spec.partitions)])[spec.name].result(15)
             outcome[spec.name] = f"grown from {have} to {spec.partitions} partitions"

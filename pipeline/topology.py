@@ -80,7 +80,13 @@ class Broker(_Model):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     partitions: int = Field(4, ge=1, le=1024, description="partitions of telemetry.raw (and its state)")
     replication: int = Field(1, ge=1, le=16)
-    raw_retention: DurationMs = Field(7 * 24 * 3_600_000, description="retention of telemetry.raw")
+    # Size, not time: record timestamps are event times, and time retention would delete a backfill at once.
+    raw_retention_bytes: int = Field(
+        8 << 30, ge=-1, description="bytes kept per partition of telemetry.raw and loops.samples (-1: all)"
+    )
+    agg_retention_bytes: int = Field(
+        1 << 30, ge=-1, description="bytes kept per partition of telemetry.agg.1m and loops.kpi (-1: all)"
+    )
 
 
 class TopicMapping(_Model):

@@ -37,9 +37,10 @@ from connectors.bacnet.values import (
     unit_symbol,
 )
 from connectors.common.backoff import delays
+from connectors.common.batcher import LoopBatcher
 from connectors.common.producer import TelemetryProducer
 from pipeline import codec
-from pipeline.records import BatchReading, InvalidRecord, ReadingBatch, now_ms
+from pipeline.records import BatchReading, InvalidRecord, now_ms
 
 log = logging.getLogger("plantstream.bacnet")
 
@@ -123,8 +124,7 @@ class BacnetSourceRunner:
         self.discovered: dict[int, IAm] = {}
         self._client_factory = client_factory or _default_client
         self._client: BacnetClient | None = None
-        self._pending: dict[tuple[str, str], list[BatchReading]] = {}
-        self._flush_scheduled = False
+        self._batcher = LoopBatcher(cfg.id, producer, cfg.max_batch, self.stats, log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._points = cfg.configured_points()
         self.executor: Any = None
@@ -146,6 +146,7 @@ class BacnetSourceRunner:
 
     async def _main(self, stop: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self._batcher.loop = self._loop
         try:
             self._client = self._client_factory(self.cfg)
         except (OSError, ValueError, RuntimeError) as e:
@@ -618,43 +619,13 @@ class BacnetSourceRunner:
 
     # -- output --------------------------------------------------------------------------------------
     def _queue(self, dev: Device, r: BatchReading) -> None:
-        key = (dev.site, dev.name or f"device-{dev.instance}")
-        buf = self._pending.setdefault(key, [])
-        buf.append(r)
-        if len(buf) >= self.cfg.max_batch:
-            self._send(key, self._pending.pop(key))
-        elif not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._batcher.add(dev.site, dev.name or f"device-{dev.instance}", r)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, {}
-        for key, readings in pending.items():
-            self._send(key, readings)
-
-    def _send(self, key: tuple[str, str], readings: list[BatchReading]) -> None:
-        batch: ReadingBatch = {
-            "v": 1,
-            "source": self.cfg.id,
-            "site": key[0],
-            "device": key[1],
-            "readings": readings,
-        }
-        self.stats.batches += 1
-        self.stats.readings += len(readings)
-        self.producer.send_batch(batch, self._delivered)
+        self._batcher.flush()
 
     def _delivered(self, err: KafkaError | None) -> None:
-        if err is not None:
-            self.stats.delivery_errors += 1
-            if self.stats.delivery_errors == 1 or self.stats.delivery_errors % 1000 == 0:
-                log.error(
-                    "source %s: Kafka delivery failed (%d so far): %s",
-                    self.cfg.id,
-                    self.stats.delivery_errors,
-                    err,
-                )
+        self._batcher.delivered(err)
 
     def _dead_letter(self, reason: str, payload: dict[str, Any]) -> None:
         self.stats.dead_letters += 1

@@ -25,6 +25,7 @@ from asyncua import Client, ua
 from confluent_kafka import KafkaError
 
 from connectors.common.backoff import delays
+from connectors.common.batcher import LoopBatcher
 from connectors.common.errors import FatalError
 from connectors.common.producer import TelemetryProducer
 from connectors.opcua import security
@@ -40,7 +41,7 @@ from connectors.opcua.mapping import (
     to_reading,
 )
 from pipeline import codec
-from pipeline.records import BatchReading, InvalidRecord, ReadingBatch, now_ms
+from pipeline.records import InvalidRecord, now_ms
 
 log = logging.getLogger("plantstream.opcua")
 
@@ -134,8 +135,7 @@ class OpcUaSourceRunner:
         self._client_factory = client_factory or (lambda url, timeout: Client(url, timeout=timeout))
         self._states: dict[tuple[str, str, str], FilterState] = {}
         self._specs: dict[int, NodeSpec] = {}
-        self._pending: dict[tuple[str, str], list[BatchReading]] = {}
-        self._flush_scheduled = False
+        self._batcher = LoopBatcher(cfg.id, producer, cfg.max_batch, self.stats, log)
         self._lost: asyncio.Event | None = None
         self._lost_reason = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,6 +153,7 @@ class OpcUaSourceRunner:
 
     async def _main(self, stop: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self._batcher.loop = self._loop
         pump = asyncio.create_task(self._serve_producer(stop))
         backoff = delays(self.cfg.reconnect.initial / 1000, self.cfg.reconnect.max / 1000)
         lost_at: float | None = None
@@ -523,45 +524,14 @@ class OpcUaSourceRunner:
                     },
                 )
             return
-        key = (spec.site, spec.device)
-        buf = self._pending.setdefault(key, [])
-        buf.append(r)
-        if len(buf) >= self.cfg.max_batch:
-            self._send(key, self._pending.pop(key))
-        elif not self._flush_scheduled and self._loop is not None:
-            # After the rest of this publish response has been dispatched: one batch per device per publish.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._batcher.add(spec.site, spec.device, r)
 
     # -- output --------------------------------------------------------------------------------------
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, {}
-        for key, readings in pending.items():
-            self._send(key, readings)
-
-    def _send(self, key: tuple[str, str], readings: list[BatchReading]) -> None:
-        batch: ReadingBatch = {
-            "v": 1,
-            "source": self.cfg.id,
-            "site": key[0],
-            "device": key[1],
-            "readings": readings,
-        }
-        self.stats.batches += 1
-        self.stats.readings += len(readings)
-        self.producer.send_batch(batch, self._delivered)
+        self._batcher.flush()
 
     def _delivered(self, err: KafkaError | None) -> None:
-        if err is not None:
-            self.stats.delivery_errors += 1
-            if self.stats.delivery_errors == 1 or self.stats.delivery_errors % 1000 == 0:
-                log.error(
-                    "source %s: Kafka delivery failed (%d so far): %s",
-                    self.cfg.id,
-                    self.stats.delivery_errors,
-                    err,
-                )
+        self._batcher.delivered(err)
 
     def _report_node(self, spec: NodeSpec, why: str) -> None:
         self.stats.node_errors += 1
