@@ -51,6 +51,7 @@ class Counters:
     late: int = 0
     closed: int = 0
     skipped: int = 0
+    skipped_input: int = 0
     sink_rows: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,6 +115,7 @@ def build_app(
     hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
     last_data_wall: dict[int, float] = {}
     seen_partitions: set[int] = set()
+    last_offset: dict[int, int] = {}
     index_ready = False
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
@@ -121,6 +123,7 @@ def build_app(
         nonlocal index_ready
         index_ready = False
         seen_partitions.clear()
+        last_offset.clear()
 
     async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
         return await app.producer.send(
@@ -155,6 +158,18 @@ def build_app(
                 sorted(engine.parts),
             )
         now = time.monotonic()
+        prev = last_offset.get(p)
+        if prev is not None and o > prev + 1:
+            # telemetry.raw has no compaction and no transactions, so its offsets are contiguous: a jump
+            # means the consumer skipped input (a known Faust 0.15 start-up race). Say so loudly.
+            counters.skipped_input += o - prev - 1
+            log.error(
+                "partition %d: input offsets %d..%d were never delivered to the aggregation agent",
+                p,
+                prev + 1,
+                o - 1,
+            )
+        last_offset[p] = o
         if p not in seen_partitions:
             seen_partitions.add(p)
             ps = engine.parts.get(p)
