@@ -219,13 +219,14 @@ def attach_loops(app: faust.App, topo: Topology, counters: Any, fatal: Fatal) ->
 
 def attach_kpi_sink(app: faust.App, topo: Topology, sink: PostgresSink, counters: Any, fatal: Fatal) -> None:
     """``loops.kpi`` into the sink's ``kpi_results`` table, acknowledged after the database committed."""
-    from connectors.timescale.kpi import KpiRecord, KpiWriter, kpi_rows
+    from connectors.timescale.kpi import kpi_rows
+    from connectors.timescale.writer import PostgresWriter, Record
 
     topic_name = topo.loop_kpi_topic
     topic = app.topic(
         topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    writer = KpiWriter(sink.dsn, sink.schema_name, consumer=f"{app.conf.id}/{sink.id}")
+    writer = PostgresWriter(sink.dsn, sink.schema_name, consumer=f"{app.conf.id}/{sink.id}")
 
     async def to_dlq(reason: str, payload: Any, partition: int, offset: int) -> None:
         dl = dead_letter(sink.id, reason, payload, topic=topic_name, partition=partition, offset=offset)
@@ -237,21 +238,23 @@ def attach_kpi_sink(app: faust.App, topo: Topology, sink: PostgresSink, counters
             sink.batch_size, within=sink.batch_delay / 1000.0
         ):
             try:
-                records: list[KpiRecord] = []
+                records: list[Record] = []
                 for ev in events:
                     msg = ev.message
                     try:
-                        records.append(
-                            KpiRecord(msg.partition, msg.offset, kpi_rows(codec.loads(msg.value)), msg.value)
+                        records.extend(
+                            Record(msg.partition, msg.offset, row, msg.value)
+                            for row in kpi_rows(codec.loads(msg.value))
                         )
                     except (codec.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                         await to_dlq(f"invalid LoopKpi: {e!r}", msg.value, msg.partition, msg.offset)
                 if records:
-                    result, refused = await writer.write(topic_name, records)
+                    result = await writer.write("kpi_results", topic_name, records)
                     counters.sink_rows["kpi_results"] = (
                         counters.sink_rows.get("kpi_results", 0) + result.written
                     )
-                    for rec, reason in refused:
+                    refused = {(rec.partition, rec.offset): (rec, reason) for rec, reason in result.rejected}
+                    for rec, reason in refused.values():  # one dead letter per LoopKpi record
                         await to_dlq(reason, rec.source, rec.partition, rec.offset)
                 for ev in events:
                     await stream.ack(ev)

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from connectors.common.backoff import delays
-from connectors.timescale.schema import is_partitioned, month_bounds, partition_ddl
+from connectors.timescale.schema import TIME_COLUMN, is_partitioned, month_bounds, partition_ddl
 
 log = logging.getLogger("plantstream.postgres")
 
@@ -48,24 +48,27 @@ COLUMNS = {
         "window_end",
     ),
     "readings": ("time", "series", "value", "quality", "site", "device", "point", "unit", "status"),
+    "kpi_results": (
+        "window_start",
+        "loop_id",
+        "kpi",
+        "value",
+        "status",
+        "coverage",
+        "horizon_s",
+        "reason",
+        "extras",
+        "window_end",
+        "samples",
+        "closed_by",
+    ),
 }
-KEYS = {"agg_1m": ("series", "bucket"), "readings": ("series", "time")}
-TIME_COLUMN = {"agg_1m": "bucket", "readings": "time"}
-STAGE_TYPES = {
-    "bucket": "timestamptz",
-    "time": "timestamptz",
-    "window_end": "timestamptz",
-    "series": "text",
-    "site": "text",
-    "device": "text",
-    "point": "text",
-    "unit": "text",
-    "quality": "text",
-    "status": "jsonb",
-    "count": "integer",
-    "good_count": "integer",
-    "value": "double precision",
+KEYS = {
+    "agg_1m": ("series", "bucket"),
+    "readings": ("series", "time"),
+    "kpi_results": ("loop_id", "kpi", "window_start"),
 }
+WRITTEN_AT = frozenset(("agg_1m", "kpi_results"))  # tables that record when a row was last written
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -236,9 +239,12 @@ class PostgresWriter:
     async def _stage(self, conn: psycopg.AsyncConnection[Any], table: str) -> str:
         name = f"stage_{table}"
         if name not in self._staged:
-            cols = ", ".join(f"{c} {STAGE_TYPES.get(c, 'double precision')}" for c in COLUMNS[table])
+            # The staging table takes its column types from the real one; `ord` orders duplicates.
             await conn.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}, ord bigint) ON COMMIT DELETE ROWS"
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}.{} INCLUDING DEFAULTS, ord bigint) "
+                    "ON COMMIT DELETE ROWS"
+                ).format(sql.Identifier(name), sql.Identifier(self.schema), sql.Identifier(table))
             )
             await conn.commit()
             self._staged.add(name)
@@ -252,7 +258,7 @@ class PostgresWriter:
         set_list = sql.SQL(", ").join(
             sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in updates
         )
-        if table == "agg_1m":
+        if table in WRITTEN_AT:
             set_list = sql.SQL("{}, written_at = now()").format(set_list)
         return sql.SQL(
             "INSERT INTO {schema}.{table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {source} "
