@@ -22,6 +22,7 @@ import mode
 
 from pipeline import codec
 from pipeline.aggregate import Close, MinuteAggregator
+from pipeline.gaps import GapFiller
 from pipeline.records import InvalidRecord, dead_letter, validate_batch
 from pipeline.topology import Topology
 
@@ -52,6 +53,7 @@ class Counters:
     closed: int = 0
     skipped: int = 0
     skipped_input: int = 0
+    recovered_input: int = 0
     sink_rows: dict[str, int] = field(default_factory=dict)
 
 
@@ -115,7 +117,7 @@ def build_app(
     hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
     last_data_wall: dict[int, float] = {}
     seen_partitions: set[int] = set()
-    last_offset: dict[int, int] = {}
+    gaps = GapFiller(topo.broker.bootstrap, "aggregate")
     index_ready = False
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
@@ -123,7 +125,7 @@ def build_app(
         nonlocal index_ready
         index_ready = False
         seen_partitions.clear()
-        last_offset.clear()
+        gaps.reset()
 
     async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
         return await app.producer.send(
@@ -146,8 +148,12 @@ def build_app(
         engine.finish(partition, offset, closes)
 
     async def handle(event: Any) -> None:
+        for msg in await gaps.fill(event.message):
+            await handle_message(msg)
+        counters.skipped_input, counters.recovered_input = gaps.skipped, gaps.recovered
+
+    async def handle_message(msg: Any) -> None:
         nonlocal index_ready
-        msg = event.message
         p, o = msg.partition, msg.offset
         if not index_ready:
             engine.rebuild()
@@ -158,18 +164,6 @@ def build_app(
                 sorted(engine.parts),
             )
         now = time.monotonic()
-        prev = last_offset.get(p)
-        if prev is not None and o > prev + 1:
-            # telemetry.raw has no compaction and no transactions, so its offsets are contiguous: a jump
-            # means the consumer skipped input (a known Faust 0.15 start-up race). Say so loudly.
-            counters.skipped_input += o - prev - 1
-            log.error(
-                "partition %d: input offsets %d..%d were never delivered to the aggregation agent",
-                p,
-                prev + 1,
-                o - 1,
-            )
-        last_offset[p] = o
         if p not in seen_partitions:
             seen_partitions.add(p)
             ps = engine.parts.get(p)

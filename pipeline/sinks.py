@@ -14,6 +14,7 @@ import faust
 
 from connectors.timescale.writer import PostgresWriter, Record, ms_to_dt
 from pipeline import codec
+from pipeline.gaps import GapFiller
 from pipeline.records import InvalidRecord, dead_letter, validate_batch
 from pipeline.topology import PostgresSink, Topology
 
@@ -92,6 +93,11 @@ def _attach_postgres(
     )
     writer = PostgresWriter(sink.dsn, sink.schema_name, consumer=f"{app.conf.id}/{sink.id}")
     batch_delay = sink.batch_delay / 1000.0
+    gaps = GapFiller(topo.broker.bootstrap, f"sink {sink.id} ({table})")
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def _rebalanced(sender: Any, **kwargs: Any) -> None:
+        gaps.reset()
 
     @app.agent(topic, name=f"sink-{sink.id}-{table}", concurrency=1)
     async def sink_agent(stream: faust.StreamT) -> None:
@@ -100,8 +106,8 @@ def _attach_postgres(
         ):
             try:
                 records: list[Record] = []
-                for ev in events:
-                    msg = ev.message
+                messages = [m for ev in events for m in await gaps.fill(ev.message)]
+                for msg in messages:
                     if table == "agg_1m":
                         try:
                             records.append(

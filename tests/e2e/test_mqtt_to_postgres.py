@@ -243,7 +243,8 @@ def read_dlq(bootstrap: str, topic: str, expect: int, timeout: float) -> list[di
     return out
 
 
-def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_path):
+@pytest.mark.parametrize("backlog", [False, True], ids=["restart-then-publish", "restart-on-backlog"])
+def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_path, backlog):
     ns = namespace
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topology(ns)))
@@ -280,17 +281,27 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(90) is not None
         before_restart = len(agg_rows(dsn, ns["schema"]))
-        worker = spawn(
-            ["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
-            tmp_path / "worker2.log",
-        )
-        procs.append(worker)
-        # The second half goes out once the restarted worker is ready. Starting it on a large backlog
-        # meets a start-up race in Faust 0.15 (see README, Known limitations) that this test is not about.
-        wait_for(
-            lambda: "Worker]: Ready" in (tmp_path / "worker2.log").read_text(), 120, "the worker to restart"
-        )
-        publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
+
+        def restart() -> subprocess.Popen[bytes]:
+            w = spawn(
+                ["worker", str(topo_file), "--app-id", f"e2e-{ns['tag']}", "--loglevel", "info"],
+                tmp_path / "worker2.log",
+            )
+            procs.append(w)
+            return w
+
+        if backlog:
+            # The second half arrives while the worker is down: it restarts on a backlog.
+            publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
+            worker = restart()
+        else:
+            worker = restart()
+            wait_for(
+                lambda: "Worker]: Ready" in (tmp_path / "worker2.log").read_text(),
+                120,
+                "the worker to restart",
+            )
+            publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
 
         expected = expected_aggregates(on_time)
         assert before_restart < len(expected)
