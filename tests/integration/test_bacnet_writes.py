@@ -28,7 +28,8 @@ from pipeline.commands import WriteCommand, make_command, send_command
 from pipeline.deploy import deploy
 from pipeline.topology import Topology, validate_data
 from tests.conftest import wait_for
-from tests.integration.test_bacnet import Ports, Running, Topics
+from tests.integration.readback import Topics
+from tests.integration.test_bacnet import Ports, Running
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,8 @@ import pytest
 from connectors.sim import launch
 from pipeline.records import now_ms
 from tests.conftest import wait_for
-from tests.integration.test_opcua import NSU, Running, Topics, make_topology
+from tests.integration.readback import Topics
+from tests.integration.test_opcua import NSU, Running, make_topology
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from connectors.sim import launch
 from tests.conftest import wait_for
-from tests.integration.test_opcua import NSU, Running, Topics, make_topology
+from tests.integration.readback import Topics
+from tests.integration.test_opcua import NSU, Running, make_topology
 
 pytestmark = pytest.mark.integration
 CLIENT_URI = "urn:plantstream:client"
