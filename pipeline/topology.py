@@ -16,7 +16,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,11 +27,10 @@ from pydantic import (
 
 from connectors.bacnet.config import BacnetSource
 from connectors.opcua.config import OpcUaSource
+from pipeline.durations import DurationMs
 
 TEMPLATE_FIELDS = ("site", "device", "point")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1000}
 
 
 class TopologyError(Exception):
@@ -42,34 +40,6 @@ class TopologyError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
-
-
-def parse_duration_ms(v: Any) -> int:
-    """``250ms``, ``10s``, ``1m``, ``2h`` or a bare number of seconds → milliseconds."""
-    if isinstance(v, bool):
-        raise ValueError("expected a duration such as 500ms, 10s, 1m or a number of seconds")
-    if isinstance(v, int | float):
-        return round(v * 1000)
-    if isinstance(v, str):
-        m = _DURATION.match(v)
-        if m:
-            return round(float(m.group(1)) * _UNIT_MS[m.group(2)])
-    raise ValueError("expected a duration such as 500ms, 10s, 1m or a number of seconds")
-
-
-DurationMs = Annotated[
-    int,
-    BeforeValidator(parse_duration_ms),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds",
-        }
-    ),
-]
 
 
 class _Model(BaseModel):

@@ -7,32 +7,11 @@ bacpypes3, so loading a topology does not need the BACnet extra installed.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, get_args
+from typing import Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic.json_schema import WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-def _duration(v: Any) -> int:
-    # Imported here: pipeline.topology imports this module to build its Source union.
-    from pipeline.topology import parse_duration_ms
-
-    return parse_duration_ms(v)
-
-
-DurationMs = Annotated[
-    int,
-    BeforeValidator(_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds",
-        }
-    ),
-]
+from pipeline.durations import DurationMs
 
 ObjectType = Literal[
     "analog-input",

@@ -8,40 +8,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import WithJsonSchema
 
-
-def _duration(v: Any) -> int:
-    # Imported here: pipeline.topology imports this module to build its Source union.
-    from pipeline.topology import parse_duration_ms
-
-    return parse_duration_ms(v)
-
-
-DurationMs = Annotated[
-    int,
-    BeforeValidator(_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "a duration: 500ms, 10s, 1m, 2h, or a number of seconds",
-        }
-    ),
-]
+from pipeline.durations import DurationMs
 
 # ns=<index>;<kind>=<id>  or  nsu=<namespace uri>;<kind>=<id>  or  <kind>=<id> (namespace 0)
 NODE_ID = re.compile(r"^(?:(?:ns=\d+|nsu=[^;]+);)?[isgb]=.+$", re.DOTALL)
