@@ -27,6 +27,7 @@ from pipeline.records import InvalidRecord, dead_letter, validate_batch
 from pipeline.topology import Topology
 
 log = logging.getLogger("plantstream.worker")
+wlog = logging.getLogger("plantstream.windows")
 
 HEARTBEAT_KEY = b"\x00heartbeat"
 
@@ -139,6 +140,13 @@ def build_app(
 
     async def close_windows(partition: int, offset: int, closes: list[Close]) -> None:
         if closes:
+            now = time.time()
+            ends: dict[int, int] = {}
+            for c in closes:
+                ends[c.aggregate["window_end"]] = ends.get(c.aggregate["window_end"], 0) + 1
+            for end, n in sorted(ends.items()):
+                # One line per partition and window end: when its windows closed (make bench reads it).
+                wlog.info("windows closed: partition=%d end=%d count=%d at=%.3f", partition, end, n, now)
             futs = [
                 await send(topo.agg_topic, c.series, c.aggregate, c.aggregate["window_start"]) for c in closes
             ]

@@ -1008,6 +1008,8 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 log_line_prefix = '%m [%p] %q%u@%d '
+# Commit times of rows (pg_xact_commit_timestamp): `make bench` measures window close -> row committed.
+track_commit_timestamp = on
 log_timezone = 'UTC'
 timezone = 'UTC'
 """
