@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import protocols
+from bench.proc import cpu_seconds, peak_rss_mb
 from pipeline import codec, services
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,24 +133,6 @@ def wait_rows(
             raise RuntimeError("a pipeline process exited during the benchmark; see bench/results/logs/")
         time.sleep(0.2)
     raise RuntimeError(f"timed out: agg_1m holds {rows_total(dsn, schema)} of {expected} readings")
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def prepare(tag: str, env: dict[str, str], partitions: int, logs: Path) -> tuple[Path, dict[str, Any]]:
