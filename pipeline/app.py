@@ -19,10 +19,12 @@ from typing import Any
 
 import faust
 import mode
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from pipeline import codec
 from pipeline.aggregate import Close, MinuteAggregator
-from pipeline.gaps import GapFiller
+from pipeline.gaps import GapFiller, read_all
 from pipeline.records import InvalidRecord, dead_letter, validate_batch
 from pipeline.topology import Topology
 
@@ -56,6 +58,29 @@ class Counters:
     skipped_input: int = 0
     recovered_input: int = 0
     sink_rows: dict[str, int] = field(default_factory=dict)
+
+
+def ensure_state_topic(topo: Topology, name: str) -> None:
+    """The compacted topic of the aggregation checkpoints, one partition per input partition."""
+    admin = AdminClient({"bootstrap.servers": topo.broker.bootstrap})
+    meta = admin.list_topics(timeout=30).topics
+    if name in meta:
+        have = len(meta[name].partitions)
+        if have < topo.broker.partitions:
+            admin.create_partitions([NewPartitions(name, topo.broker.partitions)])[name].result(30)
+        return
+    spec = NewTopic(
+        name,
+        num_partitions=topo.broker.partitions,
+        replication_factor=topo.broker.replication,
+        config={"cleanup.policy": "compact", "segment.bytes": str(64 * 2**20), "min.compaction.lag.ms": "0"},
+    )
+    for fut in admin.create_topics([spec], operation_timeout=30).values():
+        try:
+            fut.result(30)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
 
 
 def build_app(
@@ -92,6 +117,9 @@ def build_app(
         topic_replication_factor=topo.broker.replication,
         table_standby_replicas=0,
         agent_supervisor=mode.CrashingSupervisor,
+        # The aggregation agent acknowledges events at its checkpoints; at a rebalance it checkpoints in
+        # on_partitions_revoked, and at shutdown the unacknowledged rest is read again after the restart.
+        stream_wait_empty=False,
         web_enabled=False,
     )
     # Table writes queue in the producer's buffer (default 100 messages, then every write waits).
@@ -108,24 +136,39 @@ def build_app(
         value_serializer="raw",
         partitions=partitions,
     )
-    state = app.Table("agg-state", default=None, partitions=partitions, key_type=str)
-    engine = MinuteAggregator(state, grace_ms=topo.aggregates.grace)
+    # The aggregation state's checkpoints (pipeline/aggregate.py): a compacted topic with one partition per
+    # input partition, written and read by this agent directly (not a Faust table: its per-key write path
+    # costs more than everything else the agent does, and its writes cannot pick their partition).
+    state_topic = f"{app_id}-aggregate-state"
+    ensure_state_topic(topo, state_topic)
+    engine = MinuteAggregator(grace_ms=topo.aggregates.grace)
     app.plantstream_engine = engine  # type: ignore[attr-defined]
     from pipeline.loops_agent import attach_loops  # loop KPIs: their agents; the routing hook is in handle()
 
     loops = attach_loops(app, topo, counters, fatal)
     idle_ms = topo.aggregates.idle_timeout
+    checkpoint_s = topo.aggregates.checkpoint_interval / 1000
     hb_interval = heartbeat_interval or max(0.5, min(5.0, idle_ms / 4000))
     last_data_wall: dict[int, float] = {}
-    seen_partitions: set[int] = set()
     gaps = GapFiller(topo.broker.bootstrap, "aggregate")
-    index_ready = False
+    # Partitions whose state is loaded; events handled but not yet acknowledged (they are acknowledged
+    # once a checkpoint holds their effect); dead letters to be delivered before that checkpoint.
+    loaded: set[int] = set()
+    pending: dict[int, list[Any]] = {}
+    dlq_futures: dict[int, list[Any]] = {}
+    last_checkpoint: dict[int, float] = {}
+    lock = asyncio.Lock()  # one message or one checkpoint at a time
+    stream_ref: list[Any] = []
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
     async def _rebalanced(sender: Any, **kwargs: Any) -> None:
-        nonlocal index_ready
-        index_ready = False
-        seen_partitions.clear()
+        # Every event handled was checkpointed at the revocation (_revoked): reload what is assigned now
+        # from the checkpoints; Faust reads the input again from the committed offsets.
+        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topo.raw_topic}
+        engine.drop(set(engine.parts) - assigned)
+        loaded.clear()
+        pending.clear()
+        dlq_futures.clear()
         gaps.reset()
 
     async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
@@ -136,7 +179,7 @@ def build_app(
     async def dlq(reason: str, payload: Any, source: str, partition: int, offset: int) -> None:
         counters.rejected += 1
         dl = dead_letter(source, reason, payload, topic=topo.raw_topic, partition=partition, offset=offset)
-        await send(topo.dlq_topic, source or "unknown", dl)
+        dlq_futures.setdefault(partition, []).append(await send(topo.dlq_topic, source or "unknown", dl))
 
     async def close_windows(partition: int, offset: int, closes: list[Close]) -> None:
         if closes:
@@ -155,32 +198,47 @@ def build_app(
             counters.closed += len(closes)
         engine.finish(partition, offset, closes)
 
+    async def load(partition: int) -> None:
+        records = await asyncio.to_thread(read_all, topo.broker.bootstrap, state_topic, partition)
+        engine.restore(partition, ((m.key or b"", m.value) for m in records))
+        loaded.add(partition)
+        last_checkpoint[partition] = time.monotonic()
+        ps = engine.parts[partition]
+        log.info(
+            "partition %d: state loaded from %d checkpoint record(s): %d open window(s), applied through %s",
+            partition,
+            len(records),
+            engine.open_windows(partition),
+            ps.offset,
+        )
+
+    async def checkpoint(partition: int) -> None:
+        """Make the partition's state durable, then acknowledge the events it covers."""
+        futs = dlq_futures.pop(partition, [])
+        if futs:
+            # A dead letter's message is skipped on replay once its chunk is checkpointed.
+            await asyncio.gather(*futs)
+        for key, value in engine.checkpoint(partition):
+            await app.producer.send(state_topic, key, value, partition, None, None)
+        if topo.aggregates.latest:
+            for rd in engine.take_latest(partition):
+                await send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
+        last_checkpoint[partition] = time.monotonic()
+        events = pending.pop(partition, [])
+        if events and stream_ref:
+            for event in events:
+                await stream_ref[0].ack(event)
+
     async def handle(event: Any) -> None:
         for msg in await gaps.fill(event.message):
             await handle_message(msg)
         counters.skipped_input, counters.recovered_input = gaps.skipped, gaps.recovered
 
     async def handle_message(msg: Any) -> None:
-        nonlocal index_ready
         p, o = msg.partition, msg.offset
-        if not index_ready:
-            engine.rebuild()
-            index_ready = True
-            log.info(
-                "state index rebuilt: %d open window(s) on partitions %s",
-                engine.open_windows(),
-                sorted(engine.parts),
-            )
+        if p not in loaded:
+            await load(p)
         now = time.monotonic()
-        if p not in seen_partitions:
-            seen_partitions.add(p)
-            ps = engine.parts.get(p)
-            log.info(
-                "partition %d: first input at offset %d; state applied through %s",
-                p,
-                o,
-                ps.offset if ps else None,
-            )
         if is_heartbeat(msg.key):
             seen = last_data_wall.setdefault(p, now)
             idle = (now - seen) * 1000 >= idle_ms
@@ -236,24 +294,47 @@ def build_app(
                 p,
                 o,
             )
-        if topo.aggregates.latest:
-            for rd in applied.latest:
-                await send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
         await close_windows(p, o, engine.due(p))
 
     @app.agent(raw, name="aggregate")
     async def aggregate(stream: faust.StreamT) -> None:
-        # Manual acks: an event is acknowledged only after it was handled completely. With Faust's
+        # Manual acks: an event is acknowledged only once a checkpoint holds its effect. With Faust's
         # automatic acks, an event interrupted by a shutdown was acknowledged and committed although its
         # state had not been written, and a restart skipped it.
         manual = stream.noack()  # type: ignore[attr-defined]
+        stream_ref[:] = [manual]
         async for event in manual.events():
-            try:
-                await handle(event)
-            except Exception as exc:
-                msg = event.message
-                fatal(f"aggregate agent failed on {msg.topic}[{msg.partition}]@{msg.offset}", exc)
-            await manual.ack(event)
+            async with lock:
+                try:
+                    await handle(event)
+                except Exception as exc:
+                    msg = event.message
+                    fatal(f"aggregate agent failed on {msg.topic}[{msg.partition}]@{msg.offset}", exc)
+                pending.setdefault(event.message.partition, []).append(event)
+
+    @app.timer(interval=min(checkpoint_s, 0.25))
+    async def checkpoints() -> None:
+        now = time.monotonic()
+        try:
+            async with lock:
+                for p in sorted(loaded):
+                    if now - last_checkpoint.get(p, 0.0) >= checkpoint_s:
+                        await checkpoint(p)
+        except Exception as exc:
+            fatal("checkpoint failed", exc)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        # Hand the partitions over with everything handled so far checkpointed and committed, so the next
+        # owner (maybe this worker again) starts where this one stopped. Faust does not wait for our
+        # unacknowledged events (stream_wait_empty=False), and discards commits after the revocation.
+        try:
+            async with lock:
+                for p in sorted(loaded):
+                    await checkpoint(p)
+            await app.consumer.commit()
+        except Exception as exc:
+            log.warning("state not checkpointed at the rebalance (the input is read again): %r", exc)
 
     @app.timer(interval=hb_interval)
     async def heartbeat() -> None:

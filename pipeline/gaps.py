@@ -57,6 +57,18 @@ def read_range(
     return out
 
 
+def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) -> list[RawMessage]:
+    """Every message of one partition, from the oldest kept to the newest (e.g. a compacted state topic)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "plantstream-range-reader"})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+    finally:
+        consumer.close()
+    if high <= low:
+        return []
+    return read_range(bootstrap, topic, partition, low, high - 1, timeout)
+
+
 class GapFiller:
     def __init__(self, bootstrap: str, agent: str) -> None:
         self.bootstrap = bootstrap

@@ -140,6 +140,19 @@ class Aggregates(_Model):
         30_000, description="wall-clock quiet time after which a partition's windows close"
     )
     latest: bool = Field(True, description="keep the compacted telemetry.latest topic")
+    checkpoint_interval: DurationMs = Field(
+        "2s",
+        validate_default=True,
+        description="how often the worker makes its aggregation state durable and acknowledges its input; "
+        "after a crash at most this much input is read again. telemetry.latest is published at this pace",
+    )
+
+    @field_validator("checkpoint_interval")
+    @classmethod
+    def _checkpoint(cls, v: int) -> int:
+        if not 100 <= v <= 60_000:
+            raise ValueError("checkpoint_interval must be between 100ms and 60s")
+        return v
 
     @field_validator("grace")
     @classmethod

@@ -38,7 +38,7 @@ def run_all(agg, messages, partition=0, flush=True):
 
 
 def test_single_window_statistics():
-    agg = MinuteAggregator({}, grace_ms=0)
+    agg = MinuteAggregator(grace_ms=0)
     msgs = [
         batch(
             "d",
@@ -60,7 +60,7 @@ def test_single_window_statistics():
 
 
 def test_window_closes_only_after_grace():
-    agg = MinuteAggregator({}, grace_ms=10_000)
+    agg = MinuteAggregator(grace_ms=10_000)
     agg.apply(0, 0, batch("d", [("p", T0 + 59_000, 1.0, "good")]))
     assert agg.due(0) == []
     agg.apply(0, 1, batch("d", [("p", T0 + 69_999, 1.0, "good")]))
@@ -71,7 +71,7 @@ def test_window_closes_only_after_grace():
 
 
 def test_late_reading_is_returned_not_applied():
-    agg = MinuteAggregator({}, grace_ms=10_000)
+    agg = MinuteAggregator(grace_ms=10_000)
     run_all(
         agg,
         [batch("d", [("p", T0 + 1_000, 1.0, "good")]), batch("d", [("p", T0 + 200_000, 1.0, "good")])],
@@ -83,54 +83,90 @@ def test_late_reading_is_returned_not_applied():
     assert agg.late_count == 1
 
 
+def restored(records, grace_ms, partition=0, **kw):
+    """A restarted aggregator: the state is what the checkpoint records hold."""
+    agg = MinuteAggregator(grace_ms=grace_ms, **kw)
+    agg.restore(partition, records)
+    return agg
+
+
 def test_replayed_message_is_skipped():
-    store = {}
-    agg = MinuteAggregator(store, grace_ms=0)
+    agg = MinuteAggregator(grace_ms=0)
     m = batch("d", [("p", T0 + 1_000, 1.0, "good")])
     agg.apply(0, 0, m)
     agg.finish(0, 0, agg.due(0))
     assert agg.apply(0, 0, m).skipped
-    # A new aggregator on the same state (a restart) skips it too.
-    agg2 = MinuteAggregator(store, grace_ms=0)
-    agg2.rebuild()
-    assert agg2.apply(0, 0, m).skipped
-    assert store[WM_PREFIX + "0"]["o"] == 0
+    records = agg.checkpoint(0)
+    assert dict(records)[(WM_PREFIX + "0").encode()] == b'{"wm":-999,"mx":1767225601000,"o":0}'.replace(
+        b"-999", str(T0 + 1_000).encode()
+    )
+    # A new aggregator on the checkpoint (a restart) skips it too.
+    assert restored(records, 0).apply(0, 0, m).skipped
+    assert agg.checkpoint(0) == []  # nothing changed since
 
 
-def test_crash_between_apply_and_finish_replays_to_the_same_result():
-    msgs = [
-        batch("d", [("p", T0 + i * 7_000, float(i), "good"), ("q", T0 + i * 7_000, -float(i), "good")])
-        for i in range(40)
-    ]
-    clean = run_all(MinuteAggregator({}, grace_ms=5_000), msgs)
-    store = {}
-    agg = MinuteAggregator(store, grace_ms=5_000)
+def test_checkpoint_holds_only_what_changed():
+    agg = MinuteAggregator(grace_ms=60_000, chunk_points=2)
+    agg.apply(0, 0, batch("d", [("a", T0, 1.0, "good"), ("b", T0, 1.0, "good"), ("c", T0, 1.0, "good")]))
+    keys = [k for k, _ in agg.checkpoint(0)]
+    assert keys == [b"s1/d#0", b"s1/d#1", (WM_PREFIX + "0").encode()]  # chunks of 2 series, in order
+    agg.apply(0, 1, batch("d", [("c", T0 + 1, 2.0, "good")]))
+    assert [k for k, _ in agg.checkpoint(0)] == [b"s1/d#1", (WM_PREFIX + "0").encode()]
+
+
+def run_with_crash(msgs, grace, every, crash_at, cut):
+    """Run with a checkpoint every ``every`` messages, crash after message ``crash_at`` (keeping only the
+    first ``cut`` records of the checkpoint in flight, if any), restart and replay from the committed offset.
+    Returns every aggregate emitted, before and after the crash (the later emission of a window wins, as
+    the database upsert would have it)."""
+    agg = MinuteAggregator(grace_ms=grace, chunk_points=2)
+    log: list[tuple[bytes, bytes]] = []
+    committed = -1
     emitted = {}
-    for off, m in enumerate(msgs[:25]):
+    for off, m in enumerate(msgs):
         agg.apply(0, off, m)
         closes = agg.due(0)
         emitted.update({(c.series, c.window_start): c.aggregate for c in closes})
-        if off == 24:
-            break  # crash: message 24 applied, its windows not deleted, watermark not stored
         agg.finish(0, off, closes)
-    restarted = MinuteAggregator(store, grace_ms=5_000)
-    restarted.rebuild()
-    out = {}
-    for off, m in enumerate(msgs):
-        if off < 20:
-            continue  # committed offset was 19
-        restarted.apply(0, off, m)
-        closes = restarted.due(0)
-        out.update({(c.series, c.window_start): c.aggregate for c in closes})
-        restarted.finish(0, off, closes)
-    closes = restarted.due(0, flush_all=True)
-    out.update({(c.series, c.window_start): c.aggregate for c in closes})
-    emitted.update(out)
-    assert emitted == clean
+        if off % every == every - 1 or off == crash_at:
+            records = agg.checkpoint(0)
+            if off == crash_at:
+                log.extend(records[:cut])  # the crash cut this checkpoint short: no ack, no commit
+                break
+            log.extend(records)
+            committed = off
+    again = restored(log, grace, chunk_points=2)
+    for off in range(committed + 1, len(msgs)):
+        again.apply(0, off, msgs[off])
+        closes = again.due(0)
+        emitted.update({(c.series, c.window_start): c.aggregate for c in closes})
+        again.finish(0, off, closes)
+    emitted.update({(c.series, c.window_start): c.aggregate for c in again.due(0, flush_all=True)})
+    return emitted
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 7), st.integers(0, 59), st.integers(0, 8))
+def test_crash_anywhere_replays_to_the_same_result(seed, every, crash_at, cut):
+    rng = random.Random(seed)
+    points = ["p", "q", "r", "s", "t"]  # three chunks of at most two series
+    msgs = [
+        batch(
+            "d",
+            [
+                (pt, T0 + i * 7_000 + rng.randint(0, 4_000), rng.uniform(-9, 9), "good")
+                for pt in points
+                if rng.random() < 0.7
+            ],
+        )
+        for i in range(60)
+    ]
+    clean = run_all(MinuteAggregator(grace_ms=5_000, chunk_points=2), msgs)
+    assert run_with_crash(msgs, 5_000, every, crash_at, cut) == clean
 
 
 def test_idle_flush_closes_everything_and_later_data_is_late():
-    agg = MinuteAggregator({}, grace_ms=10_000)
+    agg = MinuteAggregator(grace_ms=10_000)
     agg.apply(0, 0, batch("d", [("p", T0 + 5_000, 1.0, "good")]))
     closes = agg.due(0, flush_all=True)
     agg.finish(0, 1, closes)
@@ -140,15 +176,17 @@ def test_idle_flush_closes_everything_and_later_data_is_late():
 
 
 def test_latest_only_moves_forward():
-    agg = MinuteAggregator({}, grace_ms=60_000)
-    r1 = agg.apply(0, 0, batch("d", [("p", T0 + 5_000, 1.0, "good"), ("p", T0 + 4_000, 2.0, "good")]))
-    assert [(x["ts"], x["value"]) for x in r1.latest] == [(T0 + 5_000, 1.0)]
-    r2 = agg.apply(0, 1, batch("d", [("p", T0 + 3_000, 3.0, "good")]))
-    assert r2.latest == []
+    agg = MinuteAggregator(grace_ms=60_000)
+    agg.apply(0, 0, batch("d", [("p", T0 + 5_000, 1.0, "good"), ("p", T0 + 4_000, 2.0, "good")]))
+    assert [(x["ts"], x["value"]) for x in agg.take_latest(0)] == [(T0 + 5_000, 1.0)]
+    agg.apply(0, 1, batch("d", [("p", T0 + 3_000, 3.0, "good")]))
+    assert agg.take_latest(0) == []
+    agg.apply(0, 2, batch("d", [("p", T0 + 6_000, 4.0, "good"), ("p", T0 + 7_000, 5.0, "good")]))
+    assert [(x["ts"], x["value"]) for x in agg.take_latest(0)] == [(T0 + 7_000, 5.0)]  # coalesced
 
 
 def test_all_bad_window_has_null_statistics():
-    out = run_all(MinuteAggregator({}, grace_ms=0), [batch("d", [("p", T0, 1.0, "bad")])])
+    out = run_all(MinuteAggregator(grace_ms=0), [batch("d", [("p", T0, 1.0, "bad")])])
     a = out[("s1/d/p", T0)]
     assert a["count"] == 1 and a["good_count"] == 0
     assert a["mean"] is None and a["stddev"] is None and a["first"] is None
@@ -173,7 +211,7 @@ def test_matches_pandas_on_shuffled_on_time_data(seed, n, grace):
         k = rng.randint(1, 30)
         msgs.append(batch("d", [(p, ts, v, q) for p, ts, v, q in arrival[i : i + k]]))
         i += k
-    agg = MinuteAggregator({}, grace_ms=grace)
+    agg = MinuteAggregator(grace_ms=grace)
     out = run_all(agg, msgs)
     assert agg.late_count == 0
     expected = expected_aggregates((f"s1/d/{p}", ts, v, q) for p, ts, v, q in readings)

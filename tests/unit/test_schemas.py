@@ -48,10 +48,10 @@ def test_reading_batch_and_reading():
 
 
 def test_aggregate_and_latest():
-    agg = MinuteAggregator({}, grace_ms=0)
+    agg = MinuteAggregator(grace_ms=0)
     batch, _ = validate_batch(sample_batch())
-    applied = agg.apply(0, 0, batch)
-    for latest in applied.latest:
+    agg.apply(0, 0, batch)
+    for latest in agg.take_latest(0):
         jsonschema.validate(latest, schema("reading.json"))
     closes = agg.due(0, flush_all=True)
     assert len(closes) == 2
