@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 from pipeline import codec
 from pipeline.aggregate import Close, MinuteAggregator
 from pipeline.gaps import GapFiller, read_all
+from pipeline.outbox import Outbox
 from pipeline.records import InvalidRecord, dead_letter, validate_batch
 from pipeline.topology import Topology
 
@@ -155,7 +155,7 @@ def build_app(
     # once a checkpoint holds their effect); dead letters to be delivered before that checkpoint.
     loaded: set[int] = set()
     pending: dict[int, list[Any]] = {}
-    dlq_futures: dict[int, list[Any]] = {}
+    dlq_unflushed: set[int] = set()
     last_checkpoint: dict[int, float] = {}
     lock = asyncio.Lock()  # one message or one checkpoint at a time
     stream_ref: list[Any] = []
@@ -168,18 +168,18 @@ def build_app(
         engine.drop(set(engine.parts) - assigned)
         loaded.clear()
         pending.clear()
-        dlq_futures.clear()
         gaps.reset()
 
-    async def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> Awaitable[Any]:
-        return await app.producer.send(
-            topic, key.encode(), codec.dumps(value), None, ts_ms / 1000.0 if ts_ms else None, None
-        )
+    outbox = Outbox(topo.broker.bootstrap, f"{app_id}-aggregate")
+
+    def send(topic: str, key: str, value: Any, ts_ms: int | None = None) -> None:
+        outbox.produce(topic, key.encode(), codec.dumps(value), ts_ms)
 
     async def dlq(reason: str, payload: Any, source: str, partition: int, offset: int) -> None:
         counters.rejected += 1
         dl = dead_letter(source, reason, payload, topic=topo.raw_topic, partition=partition, offset=offset)
-        dlq_futures.setdefault(partition, []).append(await send(topo.dlq_topic, source or "unknown", dl))
+        send(topo.dlq_topic, source or "unknown", dl)
+        dlq_unflushed.add(partition)
 
     async def close_windows(partition: int, offset: int, closes: list[Close]) -> None:
         if closes:
@@ -190,11 +190,10 @@ def build_app(
             for end, n in sorted(ends.items()):
                 # One line per partition and window end: when its windows closed (make bench reads it).
                 wlog.info("windows closed: partition=%d end=%d count=%d at=%.3f", partition, end, n, now)
-            futs = [
-                await send(topo.agg_topic, c.series, c.aggregate, c.aggregate["window_start"]) for c in closes
-            ]
+            for c in closes:
+                send(topo.agg_topic, c.series, c.aggregate, c.aggregate["window_start"])
             # Durable in Kafka before the windows leave the state: a crash in between re-sends them.
-            await asyncio.gather(*futs)
+            await outbox.flush()
             counters.closed += len(closes)
         engine.finish(partition, offset, closes)
 
@@ -212,19 +211,22 @@ def build_app(
             ps.offset,
         )
 
-    async def checkpoint(partition: int) -> None:
-        """Make the partition's state durable, then acknowledge the events it covers."""
-        futs = dlq_futures.pop(partition, [])
-        if futs:
-            # A dead letter's message is skipped on replay once its chunk is checkpointed.
-            await asyncio.gather(*futs)
-        for key, value in engine.checkpoint(partition):
-            await app.producer.send(state_topic, key, value, partition, None, None)
-        if topo.aggregates.latest:
-            for rd in engine.take_latest(partition):
-                await send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
-        last_checkpoint[partition] = time.monotonic()
-        events = pending.pop(partition, [])
+    async def checkpoint(partitions: list[int]) -> None:
+        """Make the partitions' state durable, then acknowledge the events it covers. Call with the lock."""
+        if dlq_unflushed & set(partitions):
+            # A dead letter's message is skipped on replay once its chunk is checkpointed: deliver it first.
+            await outbox.flush()
+            dlq_unflushed.clear()
+        events: list[Any] = []
+        for p in partitions:
+            for key, value in engine.checkpoint(p):
+                outbox.produce(state_topic, key, value, None, p)
+            if topo.aggregates.latest:
+                for rd in engine.take_latest(p):
+                    send(topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"])
+            last_checkpoint[p] = time.monotonic()
+            events.extend(pending.pop(p, []))
+        await outbox.flush()
         if events and stream_ref:
             for event in events:
                 await stream_ref[0].ack(event)
@@ -317,9 +319,9 @@ def build_app(
         now = time.monotonic()
         try:
             async with lock:
-                for p in sorted(loaded):
-                    if now - last_checkpoint.get(p, 0.0) >= checkpoint_s:
-                        await checkpoint(p)
+                due = [p for p in sorted(loaded) if now - last_checkpoint.get(p, 0.0) >= checkpoint_s]
+                if due:
+                    await checkpoint(due)
         except Exception as exc:
             fatal("checkpoint failed", exc)
 
@@ -330,8 +332,7 @@ def build_app(
         # unacknowledged events (stream_wait_empty=False), and discards commits after the revocation.
         try:
             async with lock:
-                for p in sorted(loaded):
-                    await checkpoint(p)
+                await checkpoint(sorted(loaded))
             await app.consumer.commit()
         except Exception as exc:
             log.warning("state not checkpointed at the rebalance (the input is read again): %r", exc)
