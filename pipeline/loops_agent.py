@@ -59,12 +59,13 @@ class LoopRouting:
         self.devices = router.devices
         self.stats = stats
 
-    async def route(self, batch: ReadingBatch, partition: int, offset: int) -> None:
+    def route_with(
+        self, produce: Callable[..., None], batch: ReadingBatch, partition: int, offset: int
+    ) -> None:
+        """:meth:`route` through another producer: ``produce(topic, key, value, ts_ms)``."""
         for loop_id, samples in self.router.split(batch).items():
             body = codec.dumps({"loop": loop_id, "src": [partition, offset], "s": samples})
-            newest = max(s[1] for s in samples)
-            # Not awaited: Faust flushes the producer before it commits the input offset.
-            await self.app.producer.send(self.topic, loop_id.encode(), body, None, newest / 1000.0, None)
+            produce(self.topic, loop_id.encode(), body, max(s[1] for s in samples))
             self.stats.routed_messages += 1
             self.stats.routed_samples += len(samples)
 

@@ -67,7 +67,13 @@ class Outbox:
 
     async def flush(self, timeout: float = 60.0) -> None:
         """Until everything produced so far is acknowledged by the broker; raises if anything failed."""
-        left = await asyncio.to_thread(self._p.flush, timeout)
+        self._check(await asyncio.to_thread(self._p.flush, timeout), timeout)
+
+    def flush_sync(self, timeout: float = 60.0) -> None:
+        """:meth:`flush` for a caller on its own thread."""
+        self._check(self._p.flush(timeout), timeout)
+
+    def _check(self, left: int, timeout: float) -> None:
         if self._error is not None:
             raise DeliveryFailed(f"Kafka refused a record: {self._error}")
         if left:
