@@ -118,14 +118,15 @@ def window_result(
 class Series:
     """One series' state: its open windows (window start -> state list), unit and newest published time."""
 
-    __slots__ = ("chunk", "latest_ts", "name", "unit", "windows")
+    __slots__ = ("chunk", "latest", "latest_ts", "name", "unit", "windows")
 
     def __init__(self, name: str, chunk: Chunk) -> None:
         self.name = name
         self.chunk = chunk
         self.windows: dict[int, list[Any]] = {}
         self.unit: str | None = None
-        self.latest_ts: int | None = None
+        self.latest_ts: int | None = None  # newest event time seen (published or about to be)
+        self.latest: BatchReading | None = None  # that reading, until it is published
 
 
 class Chunk:
@@ -163,7 +164,7 @@ class PartitionState:
     open: dict[int, dict[str, Series]] = field(default_factory=dict)
     dirty: set[Chunk] = field(default_factory=set)  # changed since the last checkpoint
     changed: bool = False  # the partition record changed since the last checkpoint
-    latest: dict[str, Reading] = field(default_factory=dict)  # newest reading per series, not yet published
+    latest: set[Series] = field(default_factory=set)  # series with a newer reading not yet published
 
 
 @dataclass
@@ -193,6 +194,7 @@ class MinuteAggregator:
         self.chunk_points = chunk_points
         self.parts: dict[int, PartitionState] = {}
         self.series: dict[str, Series] = {}  # site/device/point -> state
+        self.points: dict[str, dict[str, Series]] = {}  # site/device -> point -> state (the hot path's index)
         self.devices: dict[str, list[Chunk]] = {}  # site/device -> its chunks, in order
         self.late_count = 0
         self.closed_count = 0
@@ -212,6 +214,7 @@ class MinuteAggregator:
         s = Series(f"{device}/{point}", chunk)
         chunk.series[point] = s
         self.series[s.name] = s
+        self.points.setdefault(device, {})[point] = s
         return s
 
     def drop(self, partitions: Iterable[int]) -> None:
@@ -225,6 +228,7 @@ class MinuteAggregator:
                     for s in c.series.values():
                         self.series.pop(s.name, None)
                 del self.devices[device]
+                self.points.pop(device, None)
 
     def restore(self, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
         """Load a partition's state from its checkpoint records (the last value of each key wins)."""
@@ -255,6 +259,7 @@ class MinuteAggregator:
                     ps.open.setdefault(ws + self.window_ms, {})[s.name] = s
                 chunk.series[point] = s
                 self.series[s.name] = s
+                self.points.setdefault(device, {})[point] = s
             chunks = self.devices.setdefault(device, [])
             chunks.append(chunk)
         for chunks in self.devices.values():
@@ -281,8 +286,27 @@ class MinuteAggregator:
         ps = self.parts.get(partition)
         if ps is None or not ps.latest:
             return []
-        out = list(ps.latest.values())
-        ps.latest = {}
+        out: list[Reading] = []
+        for s in ps.latest:
+            r = s.latest
+            if r is None:
+                continue
+            site, device, point = s.name.split("/", 2)
+            rd: Reading = {
+                "site": site,
+                "device": device,
+                "point": point,
+                "ts": r["ts"],
+                "value": r["value"],
+                "quality": r["quality"],
+            }
+            if s.unit:
+                rd["unit"] = s.unit
+            if "status" in r:
+                rd["status"] = r["status"]
+            out.append(rd)
+            s.latest = None
+        ps.latest = set()
         return out
 
     def watermark(self, partition: int) -> int | None:
@@ -303,23 +327,26 @@ class MinuteAggregator:
         wm = ps.watermark
         site, device = batch["site"], batch["device"]
         dkey = f"{site}/{device}"
-        prefix = dkey + "/"
         window_ms = self.window_ms
-        series_index = self.series
+        points = self.points.get(dkey) or {}
         open_index = ps.open
         latest = ps.latest
         touched: set[Chunk] = set()
+        last_chunk: Chunk | None = None
         max_ts = ps.max_ts
         applied = 0
         for r in batch["readings"]:
             point = r["point"]
-            s = series_index.get(prefix + point)
+            s = points.get(point)
             if s is None:
                 s = self._new_series(dkey, point, partition)
+                points = self.points[dkey]
             chunk = s.chunk
-            if chunk.offset >= offset:
-                continue  # this chunk was applied before a crash; the rest of the message was not
-            touched.add(chunk)
+            if chunk is not last_chunk:
+                if chunk.offset >= offset:
+                    continue  # this chunk was applied before a crash; the rest of the message was not
+                touched.add(chunk)
+                last_chunk = chunk
             ts = r["ts"]
             ws = ts - ts % window_ms
             if wm is not None and ws + window_ms <= wm:
@@ -341,19 +368,8 @@ class MinuteAggregator:
                 s.unit = r["unit"]
             if s.latest_ts is None or ts >= s.latest_ts:
                 s.latest_ts = ts
-                rd: Reading = {
-                    "site": site,
-                    "device": device,
-                    "point": point,
-                    "ts": ts,
-                    "value": r["value"],
-                    "quality": r["quality"],
-                }
-                if s.unit:
-                    rd["unit"] = s.unit
-                if "status" in r:
-                    rd["status"] = r["status"]
-                latest[s.name] = rd
+                s.latest = r
+                latest.add(s)
         for chunk in touched:
             chunk.offset = offset
             chunk.partition = partition

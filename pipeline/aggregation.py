@@ -167,6 +167,7 @@ class Aggregation(threading.Thread):
                     self.engine.open_windows(p),
                     ps.offset,
                 )
+            log.info("aggregation: assigned input partitions %s", sorted(tp.partition for tp in partitions))
         except Exception as exc:
             self.fatal("loading the aggregation state failed", exc)
 
@@ -177,7 +178,7 @@ class Aggregation(threading.Thread):
             self.engine.drop(mine)
             for p in mine:
                 self.position.pop(p, None)
-            log.info("partitions %s revoked: checkpointed and committed", mine)
+            log.info("aggregation: revoked input partitions %s (checkpointed and committed)", mine)
         except Exception as exc:
             self.fatal("checkpoint at the rebalance failed", exc)
 
@@ -187,7 +188,7 @@ class Aggregation(threading.Thread):
         self.engine.drop(lost)
         for p in lost:
             self.position.pop(p, None)
-        log.warning("partitions %s lost: their state will be rebuilt by their new owner", lost)
+        log.warning("aggregation: lost input partitions %s (their new owner rebuilds their state)", lost)
 
     # -- the work --------------------------------------------------------------------------------------
     def _send(self, topic: str, key: str, value: Any, ts_ms: int | None = None) -> None:

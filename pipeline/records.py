@@ -141,6 +141,20 @@ def _check_name(obj: dict[str, Any], field: str) -> str:
 
 
 def _check_reading_fields(r: Any) -> BatchReading:
+    # Fast path for the common, already normal form {point, ts, value, quality}: checked field by field
+    # and used as it is (no copy). `v - v == 0.0` is false for NaN and ±inf.
+    if type(r) is dict and len(r) == 4:
+        point, ts, value, q = r.get("point"), r.get("ts"), r.get("value"), r.get("quality")
+        if (
+            type(point) is str
+            and point
+            and type(ts) is int
+            and TS_MIN_MS <= ts < TS_MAX_MS
+            and type(value) is float
+            and value - value == 0.0
+            and q in QUALITIES
+        ):
+            return r  # type: ignore[return-value]
     if not isinstance(r, dict):
         raise InvalidRecord(f"reading must be an object, got {type(r).__name__}")
     point = _check_name(r, "point")
