@@ -243,8 +243,8 @@ def read_dlq(bootstrap: str, topic: str, expect: int, timeout: float) -> list[di
     return out
 
 
-@pytest.mark.parametrize("backlog", [False, True], ids=["restart-then-publish", "restart-on-backlog"])
-def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_path, backlog):
+@pytest.mark.parametrize("mode", ["restart-then-publish", "restart-on-backlog", "second-worker-joins"])
+def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_path, mode):
     ns = namespace
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topology(ns)))
@@ -277,9 +277,10 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         half = len(messages) // 2
         publish(ns["PLANTSTREAM_MQTT_URL"], messages[:half], f"pub1-{ns['tag']}")
         # Mid-run: some minutes are in the table, others are still open. Stop the worker gracefully.
-        wait_for(lambda: len(agg_rows(dsn, ns["schema"])) >= 4, 180, "the first aggregates in PostgreSQL")
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(90) is not None
+        if mode != "second-worker-joins":
+            wait_for(lambda: len(agg_rows(dsn, ns["schema"])) >= 4, 180, "the first aggregates in PostgreSQL")
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(90) is not None
         before_restart = len(agg_rows(dsn, ns["schema"]))
 
         def restart() -> subprocess.Popen[bytes]:
@@ -290,7 +291,19 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
             procs.append(w)
             return w
 
-        if backlog:
+        if mode == "second-worker-joins":
+            # A second worker joins the group while the second half streams in (no pause: a pause longer
+            # than the idle timeout would rightly close the open windows early): the first hands over
+            # partitions at the rebalance, checkpointed and committed in the revoke callback.
+            restart()
+            publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
+            log2 = tmp_path / "worker2.log"
+            wait_for(
+                lambda: "aggregation: assigned input partitions [" in log2.read_text(),
+                120,
+                "the second worker to take partitions",
+            )
+        elif mode == "restart-on-backlog":
             # The second half arrives while the worker is down: it restarts on a backlog.
             publish(ns["PLANTSTREAM_MQTT_URL"], messages[half:], f"pub2-{ns['tag']}")
             worker = restart()
@@ -305,6 +318,9 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
 
         expected = expected_aggregates(on_time)
         assert before_restart < len(expected)
+        if mode == "second-worker-joins":
+            # The hand-over happened while data flowed: the first worker gave partitions away mid-stream.
+            assert "aggregation: revoked input partitions [" in (tmp_path / "worker1.log").read_text()
 
         def complete() -> int | None:
             n = len(agg_rows(dsn, ns["schema"]))
