@@ -162,9 +162,9 @@ def init_reading(r: dict[str, Any]) -> Stats:
 
 def split_minutes(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """A batch as pieces that each fall in one minute of event time, each with its highest ``ts``."""
-    readings = batch["readings"]
+    readings = batch.get("readings") if isinstance(batch, dict) else None
     if not readings:
-        return []
+        return []  # not a ReadingBatch (e.g. a heartbeat record written by an older worker)
     minute = readings[0]["ts"] // WINDOW_MS
     hi = 0
     for r in readings:

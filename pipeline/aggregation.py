@@ -94,6 +94,8 @@ class Aggregation(threading.Thread):
                 "auto.offset.reset": "earliest",
                 "fetch.max.bytes": 16 * 2**20,
                 "max.partition.fetch.bytes": 8 * 2**20,
+                # Prefetched input is bounded (librdkafka's default, 64 MiB, is per partition): memory.
+                "queued.max.messages.kbytes": 16 * 1024,
                 "client.id": self.group,
             }
         )

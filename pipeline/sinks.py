@@ -136,6 +136,7 @@ class TopicSink(threading.Thread):
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "client.id": f"{app_id}-sink-{sink.id}-{table}",
+                "queued.max.messages.kbytes": 16 * 1024,  # bounded prefetch (the default is 64 MiB)
             }
         )
         self.stopping = threading.Event()
