@@ -6,6 +6,11 @@
 * ``bacnet``: a simulated air-handling unit with ``--bacnet-points`` points, polled back to back (interval 0)
   with ReadPropertyMultiple into Kafka. Measures points/s polled and acknowledged by Kafka.
 * ``bacnet-rp``: the same unit rejecting ReadPropertyMultiple, so every value costs two ReadProperty requests.
+* ``mqtt-rate``: the MQTT connector alone (``plantstream connect`` in a child process) moving single-value
+  QoS 1 messages from Mosquitto into Kafka, every message acknowledged after Kafka has it
+  (``bench/mqtt_rate.py``): published while it runs (``--mqtt-mode live``) or queued while it was offline
+  (``backlog``). Measures messages/s, connector CPU per million messages and RSS, and checks that Mosquitto
+  redelivers nothing after the connector stopped.
 
 The source runs in this process (its CPU time is the process's, librdkafka's threads included); the simulated
 device runs in a child process. Both share the machine, so on a small machine the figures are lower bounds of
@@ -22,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.mqtt_rate import add_arguments as add_mqtt_rate_arguments
+from bench.mqtt_rate import run_mqtt_rate
 from connectors.common.producer import TelemetryProducer
 from connectors.sim import launch
 from pipeline.deploy import ensure_topics
@@ -35,6 +42,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--opcua-values", type=int, default=2000, help="changing OPC UA variables")
     ap.add_argument("--opcua-rate", type=float, default=10.0, help="server updates per second")
     ap.add_argument("--bacnet-points", type=int, default=500, help="points of the simulated AHU")
+    add_mqtt_rate_arguments(ap)
 
 
 def _topology(env: dict[str, str], source: dict[str, Any]) -> Topology:
@@ -181,4 +189,4 @@ def run_bacnet_rp(args: argparse.Namespace, env: dict[str, str], logs: Path) -> 
     return _run_bacnet(args, env, logs, rpm=False)
 
 
-RUNNERS = {"opcua": run_opcua, "bacnet": run_bacnet, "bacnet-rp": run_bacnet_rp}
+RUNNERS = {"opcua": run_opcua, "bacnet": run_bacnet, "bacnet-rp": run_bacnet_rp, "mqtt-rate": run_mqtt_rate}

@@ -24,13 +24,15 @@ from pipeline.topology import TopicMapping
 
 # Epoch seconds and milliseconds are told apart by magnitude: 1e11 s is the year 5138, 1e11 ms is 1973.
 _SECONDS_LIMIT = 100_000_000_000
+_FIELD = re.compile(r"\{(site|device|point)\}")
+_NUMBER = (int, float)  # a tuple: ``int | float`` would build a union on every call of the hot path
 
 
 def parse_ts(v: Any) -> int:
     """Epoch seconds or milliseconds (by magnitude) or an RFC 3339 string → epoch ms."""
     if isinstance(v, bool):
         raise InvalidRecord(f"ts must be a number or RFC 3339 string, got {v!r}")
-    if isinstance(v, int | float):
+    if isinstance(v, _NUMBER):
         if not math.isfinite(v):
             raise InvalidRecord(f"ts is not finite: {v!r}")
         ms = round(v * 1000) if abs(v) < _SECONDS_LIMIT else int(v)
@@ -66,7 +68,7 @@ class Route:
             return None
         out: dict[str, str] = {}
         for lvl, part in zip(self.levels, parts, strict=True):
-            m = re.fullmatch(r"\{(site|device|point)\}", lvl)
+            m = _FIELD.fullmatch(lvl)
             if m:
                 if not part:
                     return None
@@ -99,7 +101,7 @@ class Parsed:
 
 
 def _reading(point: str, value: Any, ts: int, unit: str | None, quality: Any = "good") -> BatchReading:
-    if quality not in QUALITIES:
+    if quality.__hash__ is None or quality not in QUALITIES:  # a list or object is refused, not a TypeError
         raise InvalidRecord(f"quality must be one of good, uncertain, bad; got {quality!r:.40}")
     r: BatchReading = {"point": point, "ts": ts, "value": check_value(value), "quality": quality}
     if unit:
@@ -116,10 +118,13 @@ def _flatten(obj: dict[str, Any], prefix: str, out: list[tuple[str, Any]]) -> No
             out.append((name, v))
 
 
-def parse_message(route: Route, ids: dict[str, str], payload: bytes, received_ms: int) -> Parsed:
-    """Readings of one MQTT message. Raises InvalidRecord when nothing in it can be used."""
-    site, device = ids["site"], ids["device"]
-    unit = route.mapping.unit
+def _decode(payload: bytes) -> Any:
+    """The payload as a JSON value or a bare number; InvalidRecord says why not."""
+    try:
+        # Valid UTF-8 JSON, surrounding JSON whitespace included: one call, no copies (the usual case).
+        return codec.loads(payload)
+    except codec.JSONDecodeError:
+        pass
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -127,7 +132,7 @@ def parse_message(route: Route, ids: dict[str, str], payload: bytes, received_ms
     if not text:
         raise InvalidRecord("empty payload")
     try:
-        obj = codec.loads(text)
+        return codec.loads(text)
     except codec.JSONDecodeError:
         # "NaN", "inf" and friends are not JSON; float() would take them, so they are refused explicitly.
         try:
@@ -136,20 +141,35 @@ def parse_message(route: Route, ids: dict[str, str], payload: bytes, received_ms
             raise InvalidRecord(f"payload is neither a number nor JSON: {text[:60]!r}") from None
         if not math.isfinite(num):
             raise InvalidRecord(f"value is not finite: {text[:20]!r}") from None
-        obj = num
+        return num
+
+
+def _point_reading(point: str, obj: Any, received_ms: int, unit: str | None) -> BatchReading:
+    if isinstance(obj, dict):
+        if "value" not in obj:
+            raise InvalidRecord("JSON payload has no 'value'")
+        ts = parse_ts(obj["ts"]) if obj.get("ts") is not None else received_ms
+        u = obj.get("unit", unit)
+        if u is not None and not isinstance(u, str):
+            raise InvalidRecord(f"unit must be a string, got {u!r:.40}")
+        return _reading(point, obj["value"], ts, u, obj.get("quality", "good"))
+    return _reading(point, obj, received_ms, unit)
+
+
+def point_reading(point: str, payload: bytes, received_ms: int, unit: str | None) -> BatchReading:
+    """The reading of a message whose topic names its point: a bare number or ``{value, ts?, unit?,
+    quality?}``. Raises InvalidRecord. The same as :func:`parse_message` for such topics, without the
+    wrapping: the connector's per-message path."""
+    return _point_reading(point, _decode(payload), received_ms, unit)
+
+
+def parse_message(route: Route, ids: dict[str, str], payload: bytes, received_ms: int) -> Parsed:
+    """Readings of one MQTT message. Raises InvalidRecord when nothing in it can be used."""
+    site, device = ids["site"], ids["device"]
+    unit = route.mapping.unit
+    obj = _decode(payload)
     if "point" in ids:
-        point = ids["point"]
-        if isinstance(obj, dict):
-            if "value" not in obj:
-                raise InvalidRecord("JSON payload has no 'value'")
-            ts = parse_ts(obj["ts"]) if obj.get("ts") is not None else received_ms
-            u = obj.get("unit", unit)
-            if u is not None and not isinstance(u, str):
-                raise InvalidRecord(f"unit must be a string, got {u!r:.40}")
-            return Parsed(
-                site, device, [_reading(point, obj["value"], ts, u, obj.get("quality", "good"))], []
-            )
-        return Parsed(site, device, [_reading(point, obj, received_ms, unit)], [])
+        return Parsed(site, device, [_point_reading(ids["point"], obj, received_ms, unit)], [])
     # The template does not name the point: every numeric leaf of a JSON object is a point.
     if not isinstance(obj, dict):
         raise InvalidRecord("topic carries no point, so the payload must be a JSON object of points")

@@ -1,6 +1,6 @@
 import pytest
 
-from connectors.mqtt.parse import Route, parse_message, parse_ts, topic_matches
+from connectors.mqtt.parse import Route, parse_message, parse_ts, point_reading, topic_matches
 from pipeline.records import InvalidRecord
 from pipeline.topology import TopicMapping
 
@@ -68,12 +68,27 @@ def test_bare_number_and_json_value():
         b"\xff\xfe",
         b'{"x": 1}',
         b"1e400",
+        b'{"value": 1, "quality": ["good"]}',
+        b'{"value": 1, "quality": {"q": 1}}',
+        b'{"value": 1, "unit": 5}',
+        b'{"value": 1, "ts": [1]}',
+        b'{"value": 1, "ts": 99999999999999999999}',
     ],
 )
 def test_invalid_point_payloads(payload):
     r = route("p/{site}/{device}/{point}")
     with pytest.raises(InvalidRecord):
         parse_message(r, r.match("p/s/d/x"), payload, NOW)
+    with pytest.raises(InvalidRecord):
+        point_reading("x", payload, NOW, None)  # the connector's per-message path: the same verdict
+
+
+def test_point_reading_is_parse_message_for_topics_that_name_the_point():
+    r = route("p/{site}/{device}/{point}", unit="kW")
+    for payload in (b"4.5", b' {"value": 2, "ts": 1767225601, "quality": "bad"}\n', b"true", b'{"value": 1}'):
+        assert parse_message(r, r.match("p/s/d/x"), payload, NOW).readings == [
+            point_reading("x", payload, NOW, "kW")
+        ]
 
 
 def test_object_payload_flattens_nested_keys_and_keeps_good_leaves():
