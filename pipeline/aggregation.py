@@ -31,8 +31,8 @@ from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from pipeline import codec
 from pipeline.aggregate import Close, MinuteAggregator
-from pipeline.gaps import read_all
 from pipeline.outbox import Outbox
+from pipeline.readback import read_all
 from pipeline.records import InvalidRecord, dead_letter, validate_batch
 from pipeline.topology import Topology
 

@@ -42,8 +42,6 @@ class Counters:
     late: int = 0
     closed: int = 0
     skipped: int = 0
-    skipped_input: int = 0
-    recovered_input: int = 0
     sink_rows: dict[str, int] = field(default_factory=dict)
 
 

@@ -6,7 +6,7 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.gaps import read_range
+from pipeline.readback import read_range
 
 pytestmark = pytest.mark.integration
 
