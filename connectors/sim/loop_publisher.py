@@ -28,22 +28,13 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from connectors.mqtt.parse import topic_matches
 from connectors.sim.loops import SCENARIOS, LoopSample, LoopSimulator, scenario
 from pipeline import codec
 
 log = logging.getLogger("plantstream.sim.loops")
 
 LOOP_TAGS = ("pv", "sp", "op", "mode")
-
-
-def _topic_matches(filt: str, topic: str) -> bool:
-    f, t = filt.split("/"), topic.split("/")
-    for i, lvl in enumerate(f):
-        if lvl == "#":
-            return True
-        if i >= len(t) or (lvl != "+" and lvl != t[i]):
-            return False
-    return len(f) == len(t)
 
 
 def mqtt_target(source: Any, series: str) -> tuple[str, str | None] | None:
@@ -69,7 +60,7 @@ def mqtt_target(source: Any, series: str) -> tuple[str, str | None] | None:
         elif m.point is None and point == "ts":
             continue  # "ts" is the timestamp key of a JSON-object payload
         # The connector parses a message with the first mapping whose filter matches its topic.
-        first = next((x for x in source.topics if _topic_matches(x.filter, topic)), None)
+        first = next((x for x in source.topics if topic_matches(x.filter, topic)), None)
         if first is not m:
             continue
         return topic, None if names_point or fixed["point"] is not None else point
