@@ -55,7 +55,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.proc import cpu_seconds, peak_rss_mb
-from pipeline import codec
+from pipeline.core import codec
 from pipeline.deploy import ensure_topics
 from pipeline.topology import Topology, validate_data
 

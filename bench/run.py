@@ -75,8 +75,9 @@ from rich.table import Table
 
 from bench import protocols
 from bench.proc import cpu_seconds, peak_rss_mb
-from pipeline import codec, services
-from pipeline.durations import parse_duration_ms
+from localservices import harness as services
+from pipeline.core import codec
+from pipeline.core.durations import parse_duration_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -241,9 +242,9 @@ def cleanup(env: dict[str, str], topo: dict[str, Any]) -> None:
 
 
 def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    """Until the Faust worker says it is ready (partitions assigned, state recovered)."""
+    """Until the worker says it is ready (every stage subscribed)."""
     deadline = time.monotonic() + timeout
-    while "Worker]: Ready" not in log.read_text(errors="replace"):
+    while "worker ready:" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the worker did not become ready; see {log}")
         time.sleep(0.2)
@@ -280,7 +281,7 @@ def wait_settled(
         texts = [log.read_text(errors="replace") for log in logs]
         states = [assignment(t, topic) for t in texts]
         now: tuple[int, list[set[int]]] | None = None
-        if all("Worker]: Ready" in t for t in texts) and all(s is not None for s in states):
+        if all("worker ready:" in t for t in texts) and all(s is not None for s in states):
             held = [s[1] for s in states if s]
             gens = tuple(s[0] for s in states if s)
             every = set().union(*held) == set(range(partitions))

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.topology import Topology, TopologyError, load
+from pipeline.topology import PostgresSink, Topology, TopologyError, load
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Stream processing for operational-technology telemetry."
@@ -57,7 +57,7 @@ def services_up(
     timeout: float = 120.0,
 ) -> None:
     """Install what is missing and start the local services; waits until each answers."""
-    from pipeline import services
+    from localservices import harness as services
 
     try:
         result = services.up(
@@ -79,7 +79,7 @@ def services_up(
 @services_app.command("down")
 def services_down(names: Annotated[list[str] | None, typer.Argument()] = None) -> None:
     """Stop the services that `services up` started."""
-    from pipeline import services
+    from localservices import harness as services
 
     services.down(names or services.SERVICE_NAMES)
     console.print("stopped")
@@ -88,7 +88,7 @@ def services_down(names: Annotated[list[str] | None, typer.Argument()] = None) -
 @services_app.command("status")
 def services_status() -> None:
     """Show each local service: running, healthy, endpoint, log file."""
-    from pipeline import services
+    from localservices import harness as services
 
     t = Table(title="local services")
     for col in ("service", "running", "healthy", "pid", "endpoint", "log"):
@@ -133,18 +133,17 @@ def deploy(topology: TopologyArg) -> None:
 @app.command()
 def worker(
     topology: TopologyArg,
-    store: Annotated[str, typer.Option(help="table store: memory:// or rocksdb://")] = "memory://",
-    app_id: Annotated[str | None, typer.Option(help="Faust application id (consumer group)")] = None,
+    app_id: Annotated[
+        str | None, typer.Option(help="names the consumer groups and state topics (default plantstream-NAME)")
+    ] = None,
     loglevel: str = "warning",
 ) -> None:
-    """Run the stream agents: aggregates, latest values, sinks."""
-    from faust.worker import Worker
-
-    from pipeline.app import build_app
+    """Run the stream stages: aggregates, latest values, loop KPIs, sinks."""
+    from pipeline.worker import run as run_worker
 
     topo = _load(topology)
-    faust_app = build_app(topo, app_id=app_id, store=store)
-    Worker(faust_app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    _logging(loglevel)
+    run_worker(topo, app_id=app_id)
 
 
 @app.command()
@@ -265,7 +264,8 @@ def _command(
 ) -> None:
     from confluent_kafka import KafkaException
 
-    from pipeline.commands import make_command, send_command
+    from pipeline.control import send_command
+    from pipeline.core.commands import make_command
 
     topo = _load(topology)
     requested_by = by or f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
@@ -381,7 +381,8 @@ def demo(
     """Services up, deploy, then simulator + connector + worker with a live table of 1-minute aggregates."""
     from confluent_kafka import Consumer
 
-    from pipeline import codec, services
+    from localservices import harness as services
+    from pipeline.core import codec
     from pipeline.deploy import deploy as do_deploy
 
     try:
@@ -398,7 +399,7 @@ def demo(
         _spawn(["connect", str(topology)], logs / "connect.log"),
         _spawn(["worker", str(topology)], logs / "worker.log"),
     ]
-    dsn = topo.sinks[0].dsn if topo.sinks else ""
+    dsn = next((s.dsn for s in topo.sinks if isinstance(s, PostgresSink)), "")
     console.print(
         f"simulator, connector and worker started (logs in {logs}/). Aggregates appear once the first "
         f"minute closes. In PostgreSQL:\n  psql '{dsn}' -c 'SELECT bucket, series, count, mean, min, max "

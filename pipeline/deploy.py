@@ -14,7 +14,6 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
-from connectors.timescale.schema import create_schema
 from pipeline.topology import Topology
 
 DAY_MS = 86_400_000
@@ -70,9 +69,7 @@ def _loop_topics(topo: Topology) -> list[TopicSpec]:
 
 def _command_topics(topo: Topology) -> list[TopicSpec]:
     """commands.bacnet and commands.results, where the topology has BACnet sources to write through."""
-    from pipeline.commands import has_commands
-
-    if not has_commands(topo):
+    if not topo.has_commands:
         return []
     return [
         TopicSpec(topo.commands_topic, topo.broker.partitions, {"retention.ms": str(7 * DAY_MS)}),
@@ -121,21 +118,10 @@ def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[st
 
 
 def deploy(topo: Topology, say: Callable[[str], None] = print) -> dict[str, str]:
+    """Topics, then every sink's tables (through the sink's own writer)."""
     out = {f"topic {k}": v for k, v in ensure_topics(topo, say).items()}
     for sink in topo.sinks:
-        tables = create_schema(
-            sink.dsn,
-            sink.schema_name,
-            tuple(sorted(set(sink.topics))),
-            retention_days=(sink.retention // DAY_MS) if sink.retention else None,
-        )
-        for table, kind in tables.items():
-            say(f"sink {sink.id}: table {sink.schema_name}.{table} ready ({kind})")
-            out[f"table {sink.schema_name}.{table}"] = kind
-        if _command_topics(topo):
-            from connectors.timescale.commands import create_table
-
-            create_table(sink.dsn, sink.schema_name)
-            say(f"sink {sink.id}: table {sink.schema_name}.write_commands ready (audit of BACnet writes)")
-            out[f"table {sink.schema_name}.write_commands"] = "plain"
+        writer = sink.open_writer(f"{topo.app_id}/{sink.id}")
+        for table, kind in writer.deploy(topo.sink_tables(sink, writer.tables), say).items():
+            out[f"sink {sink.id} table {table}"] = kind
     return out

@@ -26,7 +26,7 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 @pytest.fixture(scope="session")
 def services_env() -> dict[str, str]:
     """Start (or reuse) the local Kafka, PostgreSQL and Mosquitto; returns their connection variables."""
-    from pipeline import services
+    from localservices import harness as services
 
     services.up(("kafka", "postgres", "mosquitto"), progress=lambda m: None)
     env = services.connection_env()

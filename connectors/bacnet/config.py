@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.durations import DurationMs
+from pipeline.core.durations import DurationMs
 
 ObjectType = Literal[
     "analog-input",

@@ -9,7 +9,7 @@ each other. Points marked ``cov`` are subscribed with SubscribeCOV (renewed befo
 left out of polling while the subscription delivers; when it fails they are polled until it is back.
 
 With the topology at hand the runner also executes the BACnet write commands for its points
-(:mod:`pipeline.commands`).
+(``connectors/bacnet/commands.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from connectors.bacnet.client import BacnetClient, BacnetError, IAm, PropertyError
+from connectors.bacnet.commands import CommandExecutor, WritePolicy
 from connectors.bacnet.config import BacnetSource, DeviceConfig
 from connectors.bacnet.values import (
     flags_of,
@@ -39,8 +40,8 @@ from connectors.bacnet.values import (
 from connectors.common.backoff import delays
 from connectors.common.batcher import LoopBatcher
 from connectors.common.producer import TelemetryProducer
-from pipeline import codec
-from pipeline.records import BatchReading, InvalidRecord, now_ms
+from pipeline.core import codec
+from pipeline.core.records import BatchReading, InvalidRecord, now_ms
 
 log = logging.getLogger("plantstream.bacnet")
 
@@ -129,11 +130,9 @@ class BacnetSourceRunner:
         self._points = cfg.configured_points()
         self.executor: Any = None
         if topology is not None:
-            from pipeline.commands import CommandExecutor, WritePolicy
-
             policy = WritePolicy(topology)
             if cfg.id in policy.bacnet_sources:
-                self.executor = CommandExecutor(topology, cfg.id)
+                self.executor = CommandExecutor(topology, policy, cfg.id)
 
     # -- entry point ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.records import InvalidRecord, Quality, check_value
+from pipeline.core.records import InvalidRecord, Quality, check_value
 
 FLAG_NAMES = ("in-alarm", "fault", "overridden", "out-of-service")
 NO_FAULT = "no-fault-detected"

@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from connectors.common.producer import TelemetryProducer
-from pipeline.records import BatchReading, ReadingBatch
+from pipeline.core.records import BatchReading, ReadingBatch
 
 
 class LoopBatcher:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pipeline import codec
-from pipeline.records import (
+from connectors.mqtt.config import TopicMapping
+from pipeline.core import codec
+from pipeline.core.records import (
     QUALITIES,
     TS_MAX_MS,
     TS_MIN_MS,
@@ -20,7 +21,6 @@ from pipeline.records import (
     InvalidRecord,
     check_value,
 )
-from pipeline.topology import TopicMapping
 
 # Epoch seconds and milliseconds are told apart by magnitude: 1e11 s is the year 5138, 1e11 ms is 1973.
 _SECONDS_LIMIT = 100_000_000_000

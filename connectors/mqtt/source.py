@@ -50,9 +50,9 @@ from confluent_kafka import KafkaError
 from connectors.common.backoff import delays
 from connectors.common.producer import TelemetryProducer
 from connectors.mqtt import wire
+from connectors.mqtt.config import MqttSource
 from connectors.mqtt.parse import Route, parse_message, point_reading, topic_matches
-from pipeline.records import BatchReading, InvalidRecord, ReadingBatch, now_ms
-from pipeline.topology import MqttSource
+from pipeline.core.records import BatchReading, InvalidRecord, ReadingBatch, now_ms
 
 log = logging.getLogger("plantstream.mqtt")
 

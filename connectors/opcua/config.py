@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.durations import DurationMs
+from pipeline.core.durations import DurationMs
 
 # ns=<index>;<kind>=<id>  or  nsu=<namespace uri>;<kind>=<id>  or  <kind>=<id> (namespace 0)
 NODE_ID = re.compile(r"^(?:(?:ns=\d+|nsu=[^;]+);)?[isgb]=.+$", re.DOTALL)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pipeline.records import BatchReading, InvalidRecord, Quality, check_ts, check_value
+from pipeline.core.records import BatchReading, InvalidRecord, Quality, check_ts, check_value
 
 # The two top bits of a StatusCode give its severity (OPC UA Part 4, 7.39).
 _SEVERITY: dict[int, Quality] = {0: "good", 1: "uncertain", 2: "bad", 3: "bad"}

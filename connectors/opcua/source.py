@@ -40,8 +40,8 @@ from connectors.opcua.mapping import (
     status_name,
     to_reading,
 )
-from pipeline import codec
-from pipeline.records import InvalidRecord, now_ms
+from pipeline.core import codec
+from pipeline.core.records import InvalidRecord, now_ms
 
 log = logging.getLogger("plantstream.opcua")
 

@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from connectors.mqtt.parse import topic_matches
 from connectors.sim.loops import SCENARIOS, LoopSample, LoopSimulator, scenario
-from pipeline import codec
+from pipeline.core import codec
 
 log = logging.getLogger("plantstream.sim.loops")
 

@@ -12,8 +12,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from connectors.sim.signals import devices
-from pipeline import codec
-from pipeline.topology import Topology
+from pipeline.core import codec
 
 log = logging.getLogger("plantstream.sim")
 
@@ -24,9 +23,11 @@ def _topic_for(template: str, site: str, device: str, point: str | None) -> str:
 
 
 def run_simulation(
-    topo: Topology, stop: threading.Event, duration: float | None = None, on_tick: Any = None
+    topo: Any, stop: threading.Event, duration: float | None = None, on_tick: Any = None
 ) -> int:
-    """Publish until ``stop`` is set (or ``duration`` seconds); returns messages published."""
+    """``topo``: a loaded topology with a ``simulate`` section.
+
+    Publish until ``stop`` is set (or ``duration`` seconds); returns messages published."""
     if topo.simulate is None:
         raise ValueError("the topology has no 'simulate' section")
     src = topo.source(topo.simulate.source)

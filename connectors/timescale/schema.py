@@ -1,8 +1,10 @@
-"""Database schema of the PostgreSQL/TimescaleDB sink (DESIGN.md §3) and its idempotent creation.
+"""Database schema of the PostgreSQL/TimescaleDB sink (docs/contracts.md) and its idempotent creation.
 
 With the TimescaleDB extension: hypertables, compression and retention policies, and an hourly
 continuous aggregate. Without it: native range partitioning by month, with partitions created ahead of
-the data by the writer. The tables and the queries against them are the same either way.
+the data by the writer, and retention by dropping whole months (:func:`drop_old_partitions`). The tables
+and the queries against them are the same either way. ``write_commands`` (the audit of BACnet writes) is a
+plain table: a few rows a day, kept.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ TABLES = {
             status      jsonb,
             PRIMARY KEY (series, time)
         ){partition}""",
-    # One row per loop, KPI window and KPI (connectors/timescale/kpi.py writes it).
+    # One row per loop, KPI window and KPI (connectors/timescale/rows.py maps LoopKpi records to them).
     "kpi_results": """
         CREATE TABLE IF NOT EXISTS {schema}.kpi_results (
             window_start timestamptz      NOT NULL,
@@ -69,7 +71,33 @@ TABLES = {
             PRIMARY KEY (loop_id, kpi, window_start)
         ){partition}""",
 }
-TIME_COLUMN = {"agg_1m": "bucket", "readings": "time", "kpi_results": "window_start"}
+# The audit of BACnet write commands, one row per command (from its CommandResult); not partitioned.
+PLAIN_TABLES = {
+    "write_commands": """
+        CREATE TABLE IF NOT EXISTS {schema}.write_commands (
+            id            text             PRIMARY KEY,
+            point         text             NOT NULL,
+            value         double precision,
+            priority      smallint         NOT NULL,
+            requested_by  text             NOT NULL,
+            requested_at  timestamptz      NOT NULL,
+            status        text             NOT NULL CHECK (status IN ('accepted', 'rejected', 'failed')),
+            error         text,
+            completed_at  timestamptz      NOT NULL,
+            source        text,
+            written_at    timestamptz      NOT NULL DEFAULT now()
+        )""",
+}
+PLAIN_INDEXES = {
+    "write_commands": "CREATE INDEX IF NOT EXISTS write_commands_point_time "
+    "ON {schema}.write_commands (point, requested_at)",
+}
+TIME_COLUMN = {
+    "agg_1m": "bucket",
+    "readings": "time",
+    "kpi_results": "window_start",
+    "write_commands": "requested_at",
+}
 SEGMENT_BY = {"kpi_results": "loop_id"}  # TimescaleDB compression; 'series' for the others
 
 OFFSETS = """
@@ -140,6 +168,11 @@ def create_schema(
         ts = has_timescale(conn)
         ident = sql.Identifier(schema)
         for table in tables:
+            if table in PLAIN_TABLES:
+                conn.execute(sql.SQL(PLAIN_TABLES[table].format(schema="{schema}")).format(schema=ident))
+                conn.execute(sql.SQL(PLAIN_INDEXES[table].format(schema="{schema}")).format(schema=ident))
+                out[table] = "plain"
+                continue
             existed = _exists(conn, schema, table)
             partition = "" if ts else f" PARTITION BY RANGE ({TIME_COLUMN[table]})"
             conn.execute(
@@ -185,7 +218,11 @@ def create_schema(
 
 
 def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older_than: datetime) -> list[str]:
-    """Retention without TimescaleDB: drop whole monthly partitions that end before ``older_than``."""
+    """Retention without TimescaleDB: drop whole monthly partitions that end at or before ``older_than``.
+
+    A month is dropped only once all of it is older than the retention, so rows are kept at least as long
+    as asked (up to a month longer), as TimescaleDB keeps whole chunks.
+    """
     dropped = []
     rows = conn.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -201,5 +238,19 @@ def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older
         _, end = month_bounds(datetime(y, m, 1, tzinfo=UTC))
         if end <= older_than:
             conn.execute(sql.SQL("DROP TABLE {}.{}").format(sql.Identifier(schema), sql.Identifier(name)))
+            log.info("retention: dropped %s.%s (data before %s)", schema, name, end.date())
             dropped.append(name)
     return dropped
+
+
+def enforce_retention(
+    dsn: str, schema: str, tables: tuple[str, ...], retention_ms: int
+) -> dict[str, list[str]]:
+    """Drop the monthly partitions of ``tables`` older than ``retention_ms`` (plain PostgreSQL only)."""
+    older_than = datetime.fromtimestamp(datetime.now(UTC).timestamp() - retention_ms / 1000, UTC)
+    out: dict[str, list[str]] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in tables:
+            if table in TIME_COLUMN and table not in PLAIN_TABLES and is_partitioned(conn, schema, table):
+                out[table] = drop_old_partitions(conn, schema, table, older_than)
+    return out

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -48,6 +48,18 @@ COLUMNS = {
         "window_end",
     ),
     "readings": ("time", "series", "value", "quality", "site", "device", "point", "unit", "status"),
+    "write_commands": (
+        "id",
+        "point",
+        "value",
+        "priority",
+        "requested_by",
+        "requested_at",
+        "status",
+        "error",
+        "completed_at",
+        "source",
+    ),
     "kpi_results": (
         "window_start",
         "loop_id",
@@ -67,6 +79,7 @@ KEYS = {
     "agg_1m": ("series", "bucket"),
     "readings": ("series", "time"),
     "kpi_results": ("loop_id", "kpi", "window_start"),
+    "write_commands": ("id",),
 }
 WRITTEN_AT = frozenset(("agg_1m", "kpi_results"))  # tables that record when a row was last written
 
@@ -98,10 +111,6 @@ class WriteResult:
     seconds: float = 0.0
 
 
-def ms_to_dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, UTC)
-
-
 class PostgresWriter:
     def __init__(
         self,
@@ -121,6 +130,10 @@ class PostgresWriter:
         self._partitions_known: set[tuple[str, datetime]] = set()
         self._partitioned: dict[str, bool] = {}
         self._staged: set[str] = set()
+
+    def forget_partitions(self, table: str) -> None:
+        """After partitions were dropped: create them again if data for them still comes."""
+        self._partitions_known = {k for k in self._partitions_known if k[0] != table}
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -28,7 +28,7 @@ import yaml
 
 from connectors.sim.loop_publisher import LoopStep, connect, loop_steps, publish_steps, simulated_loops
 from connectors.sim.loops import scenario
-from pipeline.loops import TAGS, LoopDef
+from pipeline.stages.loops.engine import TAGS, LoopDef
 from pipeline.topology import load, validate_data
 from tests.conftest import wait_for
 from tests.unit.test_loops_reference import differences, reference_kpis

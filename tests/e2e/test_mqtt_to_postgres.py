@@ -24,7 +24,7 @@ import yaml
 from confluent_kafka import Consumer
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline import codec
+from pipeline.core import codec
 from tests.conftest import wait_for
 from tests.reference import compare, expected_aggregates
 
@@ -310,7 +310,7 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
         else:
             worker = restart()
             wait_for(
-                lambda: "Worker]: Ready" in (tmp_path / "worker2.log").read_text(),
+                lambda: "worker ready:" in (tmp_path / "worker2.log").read_text(),
                 120,
                 "the worker to restart",
             )

@@ -6,8 +6,8 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from pipeline import codec
-from pipeline.records import now_ms
+from pipeline.core import codec
+from pipeline.core.records import now_ms
 from pipeline.topology import Topology
 
 

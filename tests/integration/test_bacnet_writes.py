@@ -23,8 +23,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.bacnet.client import BacnetClient
 from connectors.sim import launch
-from pipeline import codec
-from pipeline.commands import WriteCommand, make_command, send_command
+from pipeline.control import send_command
+from pipeline.core import codec
+from pipeline.core.commands import WriteCommand, make_command
 from pipeline.deploy import deploy
 from pipeline.topology import Topology, validate_data
 from tests.conftest import wait_for

@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from connectors.common.producer import Delivered, TelemetryProducer
 from connectors.mqtt import wire
 from connectors.mqtt.source import MqttSourceRunner
-from pipeline import codec
+from pipeline.core import codec
 from pipeline.deploy import ensure_topics
 from pipeline.topology import Topology, validate_data
 from tests.conftest import wait_for

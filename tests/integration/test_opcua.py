@@ -20,8 +20,8 @@ from connectors.common.producer import TelemetryProducer
 from connectors.opcua.source import OpcUaSourceRunner
 from connectors.sim import launch
 from connectors.sim.opcua_plant import CONST_T0, GUID_ID, NAMESPACE, OPAQUE_ID
+from pipeline.core.records import now_ms
 from pipeline.deploy import ensure_topics
-from pipeline.records import now_ms
 from pipeline.topology import Topology, validate_data
 from tests.conftest import wait_for
 from tests.integration.readback import Topics

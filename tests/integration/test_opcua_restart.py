@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from connectors.sim import launch
-from pipeline.records import now_ms
+from pipeline.core.records import now_ms
 from tests.conftest import wait_for
 from tests.integration.readback import Topics
 from tests.integration.test_opcua import NSU, Running, make_topology

@@ -7,9 +7,9 @@ import asyncio
 import psycopg
 import pytest
 
+from connectors.timescale.rows import aggregate_row, ms_to_dt
 from connectors.timescale.schema import create_schema
-from connectors.timescale.writer import PostgresWriter, Record, is_temporary, ms_to_dt
-from pipeline.sinks import aggregate_row
+from connectors.timescale.writer import PostgresWriter, Record, is_temporary
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_225_600_000

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from pipeline import services
+from localservices import harness as services
 
 pytestmark = pytest.mark.integration
 

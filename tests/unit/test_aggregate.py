@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.aggregate import WM_PREFIX, MinuteAggregator
+from pipeline.stages.windows import WM_PREFIX, MinuteAggregator
 from tests.reference import compare, expected_aggregates
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

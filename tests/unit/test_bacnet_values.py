@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from connectors.bacnet.commands import WritePolicy
 from connectors.bacnet.config import BacnetSource
 from connectors.bacnet.values import (
     flags_of,
@@ -18,8 +19,8 @@ from connectors.bacnet.values import (
     status_of,
     unit_symbol,
 )
-from pipeline.commands import InvalidCommand, WritePolicy, make_command, parse_command, result_for
-from pipeline.records import InvalidRecord, now_ms
+from pipeline.core.commands import InvalidCommand, make_command, parse_command, result_for
+from pipeline.core.records import InvalidRecord, now_ms
 from pipeline.topology import TopologyError, validate_data
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"

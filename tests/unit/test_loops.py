@@ -11,8 +11,10 @@ import numpy as np
 import orjson
 import pytest
 
-from connectors.timescale.kpi import COLUMNS, kpi_rows
-from pipeline.loops import (
+from connectors.timescale.rows import kpi_rows
+from connectors.timescale.writer import COLUMNS as WRITER_COLUMNS
+from pipeline.core.records import ReadingBatch
+from pipeline.stages.loops.engine import (
     BUCKET_INFIX,
     Grid,
     LoopDef,
@@ -22,9 +24,10 @@ from pipeline.loops import (
     horizon_key,
     run_job,
 )
-from pipeline.records import ReadingBatch
 from pipeline.topology import validate_data
 from tests.unit.test_loops_reference import T0, differences, reference_kpis, scenario_samples
+
+COLUMNS = WRITER_COLUMNS["kpi_results"]
 
 LOOP = {
     "id": "L1",

@@ -18,7 +18,7 @@ import pytest
 
 from connectors.sim.loops import scenario
 from pipeline.kpi import LoopWindow, align, compute_all
-from pipeline.loops import TAGS, LoopDef
+from pipeline.stages.loops.engine import TAGS, LoopDef
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from connectors.mqtt.parse import Route, parse_message, topic_matches
+from connectors.sim.config import LOOP_SCENARIOS
 from connectors.sim.loop_publisher import loop_steps, mqtt_target, simulated_loops
 from connectors.sim.loops import SCENARIOS
 from pipeline import topology as t
@@ -169,7 +170,7 @@ def test_loop_simulation_problems(simulate, loops, words):
 
 
 def test_scenario_names_in_the_topology_are_the_simulators():
-    assert set(t.LOOP_SCENARIOS) == set(SCENARIOS)
+    assert set(LOOP_SCENARIOS) == set(SCENARIOS)
     assert set(t.SimLoop.model_json_schema()["properties"]["scenario"]["enum"]) == set(SCENARIOS)
 
 

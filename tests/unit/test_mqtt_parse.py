@@ -1,7 +1,7 @@
 import pytest
 
 from connectors.mqtt.parse import Route, parse_message, parse_ts, point_reading, topic_matches
-from pipeline.records import InvalidRecord
+from pipeline.core.records import InvalidRecord
 from pipeline.topology import TopicMapping
 
 NOW = 1_767_225_600_000

@@ -9,7 +9,7 @@ import pytest
 
 from connectors.opcua.config import OpcUaSource
 from connectors.opcua.mapping import Deadband, NodeSpec, Skip, matches, quality_of, render, to_reading
-from pipeline.records import InvalidRecord
+from pipeline.core.records import InvalidRecord
 from pipeline.topology import TopologyError, validate_data
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -6,8 +6,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from pipeline.aggregate import MinuteAggregator
-from pipeline.records import InvalidRecord, dead_letter, validate_batch
+from pipeline.core.records import InvalidRecord, dead_letter, validate_batch
+from pipeline.stages.windows import MinuteAggregator
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 T0 = 1_767_225_600_000
@@ -60,7 +60,7 @@ def test_aggregate_and_latest():
 
 
 def test_loop_kpi():
-    from pipeline.loops import LoopDef, LoopEngine, run_job
+    from pipeline.stages.loops.engine import LoopDef, LoopEngine, run_job
     from pipeline.topology import validate_data
 
     loop = {

@@ -5,7 +5,7 @@ import jsonschema
 import pytest
 
 from pipeline import topology as t
-from pipeline.durations import parse_duration_ms
+from pipeline.core.durations import parse_duration_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ message therefore is never executed again, and a command id seen before (from th
 start) is skipped. Should the executor die between the claim and the result, it finds the claimed command
 without a result when it starts again and reports it ``failed`` as interrupted, without running it twice.
 
-The audit sink (:func:`attach_command_sink`) writes each result as a row of ``write_commands``.
+The sinks write each result as a row of their ``write_commands`` table (pipeline/stages/sinks.py).
 """
 
 from __future__ import annotations
@@ -21,128 +21,41 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from connectors.bacnet.config import BacnetSource
-from pipeline import codec
-from pipeline.records import dead_letter, now_ms
-from pipeline.topology import Topology
+from pipeline.core import codec
+from pipeline.core.commands import (
+    MAX_AGE_MS,
+    CommandResult,
+    InvalidCommand,
+    WriteCommand,
+    parse_command,
+    result_for,
+)
+from pipeline.core.records import dead_letter, now_ms
+from pipeline.core.topology import TopologyBase
 
 log = logging.getLogger("plantstream.commands")
 
-Status = Literal["accepted", "rejected", "failed"]
-MAX_AGE_MS = 300_000  # older commands are rejected as expired rather than run late
 
-
-class WriteCommand(TypedDict):
-    id: str
-    point: str
-    value: float | None
-    priority: int
-    requested_by: str
-    ts: int
-
-
-class CommandResult(TypedDict):
-    id: str
-    point: str
-    value: float | None
-    priority: int
-    requested_by: str
-    requested_at: int
-    status: Status
-    error: str | None
-    completed_at: int
-    source: str | None
-
-
-class InvalidCommand(ValueError):
-    def __init__(self, reason: str, raw: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.raw = raw or {}
+class WithSources(Protocol):
+    """A loaded topology, as far as the write path needs it."""
 
     @property
-    def command_id(self) -> str | None:
-        v = self.raw.get("id")
-        return v if isinstance(v, str) and v else None
+    def sources(self) -> Sequence[Any]: ...
 
 
-def parse_command(obj: Any) -> WriteCommand:
-    """Check a decoded WriteCommand; raises :class:`InvalidCommand` naming the field."""
-    if not isinstance(obj, dict):
-        raise InvalidCommand(f"invalid: a command must be a JSON object, got {type(obj).__name__}")
-    cid = obj.get("id")
-    if not isinstance(cid, str) or not 1 <= len(cid) <= 128:
-        raise InvalidCommand("invalid: id must be a string of 1-128 characters", obj)
-    point = obj.get("point")
-    if not isinstance(point, str) or point.count("/") < 2 or not all(point.split("/", 2)):
-        raise InvalidCommand(f"invalid: point must be a series id site/device/point, got {point!r:.80}", obj)
-    value = obj.get("value")
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-    ):
-        raise InvalidCommand(
-            f"invalid: value must be a finite number or null (relinquish), got {value!r:.40}", obj
-        )
-    prio = obj.get("priority")
-    if isinstance(prio, bool) or not isinstance(prio, int) or not 1 <= prio <= 16:
-        raise InvalidCommand(f"invalid: priority must be an integer 1-16, got {prio!r:.20}", obj)
-    by = obj.get("requested_by")
-    if not isinstance(by, str) or not by:
-        raise InvalidCommand("invalid: requested_by must name who asks", obj)
-    ts = obj.get("ts")
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        raise InvalidCommand("invalid: ts must be epoch milliseconds", obj)
-    return {
-        "id": cid,
-        "point": point,
-        "value": None if value is None else float(value),
-        "priority": prio,
-        "requested_by": by,
-        "ts": ts,
-    }
-
-
-def make_command(point: str, value: float | None, priority: int, requested_by: str) -> WriteCommand:
-    return parse_command(
-        {
-            "id": uuid.uuid4().hex,
-            "point": point,
-            "value": value,
-            "priority": priority,
-            "requested_by": requested_by,
-            "ts": now_ms(),
-        }
-    )
-
-
-def result_for(
-    cmd: WriteCommand | dict[str, Any], status: Status, error: str | None, source: str | None
-) -> CommandResult:
-    value = cmd.get("value")
-    prio = cmd.get("priority")
-    ts = cmd.get("ts")
-    return {
-        "id": str(cmd.get("id")),
-        "point": str(cmd.get("point")),
-        "value": float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None,
-        "priority": prio if isinstance(prio, int) and not isinstance(prio, bool) else 0,
-        "requested_by": str(cmd.get("requested_by") or "unknown"),
-        "requested_at": ts if isinstance(ts, int) and not isinstance(ts, bool) else now_ms(),
-        "status": status,
-        "error": error,
-        "completed_at": now_ms(),
-        "source": source,
-    }
+def has_commands(topo: WithSources) -> bool:
+    """Whether the topology has BACnet sources, and so the command topics and the write_commands table."""
+    return any(isinstance(s, BacnetSource) for s in topo.sources)
 
 
 # -- policy ----------------------------------------------------------------------------------------------
@@ -160,7 +73,7 @@ class Target:
 class WritePolicy:
     """What the topology allows; the same answer in every process that loads the same topology."""
 
-    def __init__(self, topo: Topology) -> None:
+    def __init__(self, topo: WithSources) -> None:
         self.targets: dict[str, Target] = {}
         self.bacnet_sources: list[str] = []
         for s in topo.sources:
@@ -229,11 +142,13 @@ class ExecutorStats:
 class CommandExecutor:
     """Consumes ``commands.bacnet`` for one BACnet source and runs its commands, each at most once."""
 
-    def __init__(self, topo: Topology, source_id: str, *, max_age_ms: int = MAX_AGE_MS) -> None:
+    def __init__(
+        self, topo: TopologyBase, policy: WritePolicy, source_id: str, *, max_age_ms: int = MAX_AGE_MS
+    ) -> None:
         self.topo = topo
         self.source_id = source_id
         self.max_age_ms = max_age_ms
-        self.policy = WritePolicy(topo)
+        self.policy = policy
         self.group = f"{topo.prefix}plantstream-{topo.name}-commands-{source_id}"
         self.stats = ExecutorStats()
         self.executed: set[str] = set()
@@ -507,111 +422,3 @@ def _read_one(bootstrap: str, topic: str, partition: int, offset: int) -> bytes 
         return None
     finally:
         c.close()
-
-
-# -- sending (the CLI) -------------------------------------------------------------------------------------
-def send_command(topo: Topology, cmd: WriteCommand, wait: float | None = 30.0) -> CommandResult | None:
-    """Put ``cmd`` on commands.bacnet; with ``wait``, return its result (None if none came in time)."""
-    bootstrap = topo.broker.bootstrap
-    watcher = None
-    if wait:
-        watcher = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"plantstream-cli-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-            }
-        )
-        meta = watcher.list_topics(topo.results_topic, timeout=10).topics.get(topo.results_topic)
-        if meta is None or meta.error is not None:
-            watcher.close()
-            raise KafkaException(
-                KafkaError(
-                    KafkaError.UNKNOWN_TOPIC_OR_PART,
-                    f"{topo.results_topic} does not exist: run `plantstream deploy` first",
-                )
-            )
-        starts = []
-        for p in meta.partitions:
-            _lo, hi = watcher.get_watermark_offsets(TopicPartition(topo.results_topic, p), timeout=10)
-            starts.append(TopicPartition(topo.results_topic, p, hi))
-        watcher.assign(starts)
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
-    producer.produce(topo.commands_topic, codec.dumps(cmd), cmd["point"].encode(), timestamp=cmd["ts"])
-    if producer.flush(15) != 0:
-        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the command was not delivered to Kafka"))
-    if watcher is None:
-        return None
-    try:
-        end = time.monotonic() + (wait or 0)
-        while time.monotonic() < end:
-            for m in watcher.consume(100, 0.5):
-                if m.error() is None:
-                    r = codec.loads(m.value())
-                    if isinstance(r, dict) and r.get("id") == cmd["id"]:
-                        return r  # type: ignore[return-value]
-        return None
-    finally:
-        watcher.close()
-
-
-# -- the audit sink -------------------------------------------------------------------------------------
-def has_commands(topo: Topology) -> bool:
-    return any(isinstance(s, BacnetSource) for s in topo.sources)
-
-
-def attach_command_sink(
-    app: Any, topo: Topology, counters: Any, fatal: Callable[[str, BaseException], None]
-) -> None:
-    """For every PostgreSQL sink: commands.results into write_commands, acked after the commit."""
-    if not has_commands(topo):
-        return
-    from connectors.timescale.commands import CommandAuditWriter, row_of
-
-    for sink in topo.sinks:
-        if getattr(sink, "type", None) != "postgres":
-            continue
-        _attach_one(app, topo, sink, counters, fatal, CommandAuditWriter(sink.dsn, sink.schema_name), row_of)
-
-
-def _attach_one(
-    app: Any,
-    topo: Topology,
-    sink: Any,
-    counters: Any,
-    fatal: Callable[[str, BaseException], None],
-    writer: Any,
-    row_of: Callable[[dict[str, Any]], tuple[Any, ...]],
-) -> None:
-    topic = app.topic(
-        topo.results_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-
-    async def dlq(reason: str, value: bytes, msg: Any) -> None:
-        dl = dead_letter(
-            sink.id, reason, value, topic=topo.results_topic, partition=msg.partition, offset=msg.offset
-        )
-        await app.producer.send(topo.dlq_topic, sink.id.encode(), codec.dumps(dl), None, None, None)
-
-    @app.agent(topic, name=f"sink-{sink.id}-write_commands", concurrency=1)
-    async def audit(stream: Any) -> None:
-        async for events in stream.noack_take(500, within=sink.batch_delay / 1000.0):
-            try:
-                rows, sources = [], []
-                for ev in events:
-                    msg = ev.message
-                    try:
-                        rows.append(row_of(codec.loads(msg.value)))
-                        sources.append(msg)
-                    except (codec.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                        await dlq(f"invalid command result: {e!r}", msg.value, msg)
-                refused = await writer.write(rows) if rows else []
-                by_row = {id(r): m for r, m in zip(rows, sources, strict=True)}
-                for row, reason in refused:
-                    m = by_row.get(id(row))
-                    await dlq(reason, m.value if m is not None else repr(row).encode(), m)
-                counters.sink_rows["write_commands"] = counters.sink_rows.get("write_commands", 0) + len(rows)
-                for ev in events:
-                    await stream.ack(ev)
-            except Exception as exc:
-                fatal(f"sink {sink.id} (write_commands) failed", exc)

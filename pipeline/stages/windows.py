@@ -1,6 +1,6 @@
 """Event-time 1-minute aggregation: pure logic, no Kafka (DESIGN.md §4).
 
-The state lives in memory, in plain Python objects, and is made durable by **checkpoints**: the agent calls
+The state lives in memory, in plain Python objects, and is made durable by **checkpoints**: the stage calls
 :meth:`MinuteAggregator.checkpoint` for a partition every few seconds, writes the records it returns to the
 partition's state topic (compacted), and only then acknowledges the input messages handled since the last
 checkpoint. Writing state per checkpoint instead of per message is what makes the worker fast: a series
@@ -19,7 +19,7 @@ After a crash the state is the last checkpoint, and the input is read again from
 which is never past that checkpoint (acks follow checkpoints). Replayed messages are skipped chunk by chunk by
 their offsets, so a replay is idempotent even if the crash hit in the middle of writing a checkpoint.
 
-Processing one input message is three steps, split so the agent can make the closed aggregates durable
+Processing one input message is three steps, split so the stage can make the closed aggregates durable
 in Kafka *before* the windows are deleted from the state:
 
 1. :meth:`apply` folds the message's readings into their windows (late ones are returned, not applied);
@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.records import Aggregate, BatchReading, Reading, ReadingBatch
+from pipeline.core.records import Aggregate, BatchReading, Reading, ReadingBatch
 
 WINDOW_MS = 60_000
 WM_PREFIX = "\x00wm/"

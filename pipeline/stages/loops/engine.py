@@ -1,31 +1,31 @@
 """Loop KPIs in the stream: routing, alignment, event-time KPI windows (pure logic, no Kafka).
 
-The aggregation agent hands every batch of a device that carries loop tags to :class:`LoopRouter`, which
-picks the loops' PV/SP/OP/MODE readings out (one dict lookup per batch for other devices) and produces one
+The aggregation stage hands every batch of a device that carries loop tags to :class:`LoopRouter`, which picks
+the loops' PV/SP/OP/MODE readings out (one dict lookup per batch for other devices) and produces one
 ``loops.samples`` message per loop, keyed by the loop id, so that all of a loop's samples meet in one
-partition. There :class:`LoopEngine` keeps each loop's state in any ``MutableMapping`` — a Faust table in
-the worker, a dict in unit tests — laid out so that replaying ``loops.samples`` is idempotent and no record
-grows with the window:
+partition. There :class:`LoopEngine` keeps each loop's state in any ``MutableMapping`` — a
+:class:`pipeline.stages.state.PartitionedStore` in the worker, a dict in unit tests — laid out so that
+replaying ``loops.samples`` is idempotent and no record grows with the window:
 
 * ``<loop>`` (head, small, rewritten per message): last input offset applied (``o``, with its partition
-  ``p``), the loop's newest event time ``mx``, the end of the last closed window ``ct``, the sample buckets
-  in use ``b``, and per source partition of ``telemetry.raw`` the last source offset routed (``src``), which
-  drops the duplicates a restarted aggregation agent routes again;
-* ``<loop>\\x00b<start>`` (bucket): the raw samples of a slice of event time (about 50 samples per tag,
-  never more than a minute), with the last input offset applied to it;
+  ``p``), the loop's newest event time ``mx``, the end of the last closed window ``ct``, the sample buckets in
+  use ``b``, and per source partition of ``telemetry.raw`` the last source offset routed (``src``), which
+  drops the duplicates a restarted aggregation stage routes again;
+* ``<loop>\\x00b<start>`` (bucket): the raw samples of a slice of event time (about 50 samples per tag, never
+  more than a minute), with the last input offset applied to it;
 * ``<loop>\\x00h`` (horizon, written once per closed window): the analysis horizon H as float32 arrays
-  (base64), the last sample of each tag before the next window (for the hold), the KPI calculators'
-  state (Hägglund detector, valve filter) and ``ct``. Writing it is the commit point of a window.
+  (base64), the last sample of each tag before the next window (for the hold), the KPI calculators' state
+  (Hägglund detector, valve filter) and ``ct``. Writing it is the commit point of a window.
 
-Closing windows is three steps, like :mod:`pipeline.aggregate`, so that the LoopKpi records are durable in
-Kafka before the state moves on: :meth:`LoopEngine.due` gathers what the due windows need (a
-:class:`CloseJob`), :func:`run_job` computes their KPIs (pure, CPU-heavy: the agent runs it in a thread),
-and :meth:`LoopEngine.finish` writes the horizon record, then drops the used buckets and updates the head.
-A crash anywhere in between leaves state from which a replay reaches the same records.
+Closing windows is three steps, like :mod:`pipeline.stages.windows`, so that the LoopKpi records are durable
+in Kafka before the state moves on: :meth:`LoopEngine.due` gathers what the due windows need (a
+:class:`CloseJob`), :func:`run_job` computes their KPIs (pure, CPU-heavy numpy work), and
+:meth:`LoopEngine.finish` writes the horizon record, then drops the used buckets and updates the head. A crash
+anywhere in between leaves state from which a replay reaches the same records.
 
 Windows follow the loop's own event time: ``[start, start + window)`` aligned to the epoch, closed when the
-loop's newest sample is ``grace`` past the window's end, or by an idle flush (wall clock, from the agent's
-heartbeat). A window without any sample of the loop gives no record; the horizon then holds invalid
+loop's newest sample is ``grace`` past the window's end, or by an idle flush (wall clock, while the loop's
+partition is drained). A window without any sample of the loop gives no record; the horizon then holds invalid
 samples for it. A sample older than the end of the last closed window is late: returned to be dead-lettered.
 """
 
@@ -42,9 +42,9 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from pipeline import codec
+from pipeline.core import codec
+from pipeline.core.records import ReadingBatch
 from pipeline.kpi import LoopConfig, LoopWindow, align, compute_all
-from pipeline.records import ReadingBatch
 
 log = logging.getLogger("plantstream.loops")
 

@@ -1,6 +1,6 @@
 """Record shapes on the topics (DESIGN.md §3) and the validation of incoming readings.
 
-Records travel as plain dicts encoded by :mod:`pipeline.codec`; the TypedDicts below document and type
+Records travel as plain dicts encoded by :mod:`pipeline.core.codec`; the TypedDicts below document and type
 them, and ``schemas/*.json`` state the same shapes language-neutrally (a unit test keeps them in step).
 Validation is hand-written rather than a model library because it sits on the hot path: every reading
 of every batch passes through :func:`validate_batch`.
@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any, Literal, NotRequired, TypedDict
 
-from pipeline import codec
+from pipeline.core import codec
 
 Quality = Literal["good", "uncertain", "bad"]
 QUALITIES: frozenset[str] = frozenset(("good", "uncertain", "bad"))

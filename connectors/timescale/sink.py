@@ -1,0 +1,90 @@
+"""The PostgreSQL/TimescaleDB sink: the :class:`connectors.common.sink.SinkWriter` of ``type: postgres``.
+
+Rows come from :mod:`connectors.timescale.rows`, the transaction (rows and source offsets together) from
+:class:`connectors.timescale.writer.PostgresWriter`, the tables from :mod:`connectors.timescale.schema`.
+On plain PostgreSQL a sink with ``retention`` drops whole monthly partitions older than it, at deploy and
+then hourly while it writes (TimescaleDB does the same with its retention policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from connectors.common.sink import Entry, Refused, WriteResult
+from connectors.timescale.config import PostgresSink
+from connectors.timescale.rows import ROWS
+from connectors.timescale.schema import create_schema, enforce_retention
+from connectors.timescale.writer import PostgresWriter, Record
+
+log = logging.getLogger("plantstream.postgres")
+
+DAY_MS = 86_400_000
+RETENTION_EVERY_S = 3600.0
+
+
+class PostgresSinkWriter:
+    tables = frozenset(ROWS)
+
+    def __init__(self, cfg: PostgresSink, consumer: str) -> None:
+        self.cfg = cfg
+        self.writer = PostgresWriter(cfg.dsn, cfg.schema_name, consumer=consumer)
+        self._retention_due = 0.0  # monotonic time of the next retention pass
+        self._written_tables: set[str] = set()
+
+    def deploy(self, tables: Sequence[str], say: Callable[[str], None]) -> dict[str, str]:
+        retention = self.cfg.retention
+        kinds = create_schema(
+            self.cfg.dsn,
+            self.cfg.schema_name,
+            tuple(sorted(set(tables))),
+            retention_days=max(1, retention // DAY_MS) if retention else None,
+        )
+        for table, kind in kinds.items():
+            say(f"sink {self.cfg.id}: table {self.cfg.schema_name}.{table} ready ({kind})")
+        if retention:
+            self._retain(tuple(kinds), say)
+        return kinds
+
+    def _retain(self, tables: tuple[str, ...], say: Callable[[str], None] = log.info) -> None:
+        assert self.cfg.retention
+        for table, dropped in enforce_retention(
+            self.cfg.dsn, self.cfg.schema_name, tables, self.cfg.retention
+        ).items():
+            if dropped:
+                say(f"sink {self.cfg.id}: retention dropped {len(dropped)} partition(s) of {table}")
+                self.writer.forget_partitions(table)
+
+    async def write(self, table: str, topic: str, entries: Sequence[Entry]) -> WriteResult:
+        to_rows, kind = ROWS[table]
+        records: list[Record] = []
+        refused: list[Refused] = []
+        expand = table == "readings"  # one entry, many rows: a refused row is its own dead letter
+        for e in entries:
+            try:
+                rows = to_rows(e.record)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                refused.append(Refused(e.partition, e.offset, e.source, f"invalid {kind}: {exc!r}"))
+                continue
+            records.extend(Record(e.partition, e.offset, row, None if expand else e.source) for row in rows)
+        out = WriteResult(refused=refused)
+        if records:
+            result = await self.writer.write(table, topic, records)
+            out.written, out.skipped = result.written, result.skipped
+            seen: set[tuple[int, int]] = set()
+            for rec, reason in result.rejected:
+                if rec.source is None:
+                    out.refused.append(Refused(rec.partition, rec.offset, repr(rec.row), reason))
+                elif (rec.partition, rec.offset) not in seen:  # one dead letter per input record
+                    seen.add((rec.partition, rec.offset))
+                    out.refused.append(Refused(rec.partition, rec.offset, rec.source, reason))
+        self._written_tables.add(table)
+        if self.cfg.retention and time.monotonic() >= self._retention_due:
+            self._retention_due = time.monotonic() + RETENTION_EVERY_S
+            await asyncio.to_thread(self._retain, tuple(sorted(self._written_tables)))
+        return out
+
+    async def close(self) -> None:
+        await self.writer.close()

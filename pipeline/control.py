@@ -1,0 +1,57 @@
+"""The CLI side of BACnet writes: put a WriteCommand on ``commands.bacnet`` and wait for its result."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from pipeline.core import codec
+from pipeline.core.commands import CommandResult, WriteCommand
+from pipeline.core.topology import TopologyBase
+
+
+def send_command(topo: TopologyBase, cmd: WriteCommand, wait: float | None = 30.0) -> CommandResult | None:
+    """Put ``cmd`` on commands.bacnet; with ``wait``, return its result (None if none came in time)."""
+    bootstrap = topo.broker.bootstrap
+    watcher = None
+    if wait:
+        watcher = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"plantstream-cli-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+            }
+        )
+        meta = watcher.list_topics(topo.results_topic, timeout=10).topics.get(topo.results_topic)
+        if meta is None or meta.error is not None:
+            watcher.close()
+            raise KafkaException(
+                KafkaError(
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    f"{topo.results_topic} does not exist: run `plantstream deploy` first",
+                )
+            )
+        starts = []
+        for p in meta.partitions:
+            _lo, hi = watcher.get_watermark_offsets(TopicPartition(topo.results_topic, p), timeout=10)
+            starts.append(TopicPartition(topo.results_topic, p, hi))
+        watcher.assign(starts)
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer.produce(topo.commands_topic, codec.dumps(cmd), cmd["point"].encode(), timestamp=cmd["ts"])
+    if producer.flush(15) != 0:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the command was not delivered to Kafka"))
+    if watcher is None:
+        return None
+    try:
+        end = time.monotonic() + (wait or 0)
+        while time.monotonic() < end:
+            for m in watcher.consume(100, 0.5):
+                if m.error() is None:
+                    r = codec.loads(m.value())
+                    if isinstance(r, dict) and r.get("id") == cmd["id"]:
+                        return r  # type: ignore[return-value]
+        return None
+    finally:
+        watcher.close()

@@ -1,0 +1,195 @@
+"""The project's one Kafka producer wrapper, direct partition reads and the compacted state topics.
+
+:class:`Outbox` hands records to librdkafka (confluent-kafka) in a microsecond or two; its C threads batch,
+compress and send them. Stages and connectors confirm delivery with :meth:`Outbox.flush_sync` (or a
+per-record ``on_delivery`` callback) before they acknowledge their own input, so nothing they produced can
+be lost to a crash without the input being read again. Every dead letter goes out through
+:meth:`Outbox.dead_letter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+
+from pipeline.core import codec
+from pipeline.core.records import dead_letter
+
+log = logging.getLogger("plantstream.kafka")
+
+Delivered = Callable[[KafkaError | None, Message], None]
+
+
+class DeliveryFailed(RuntimeError):
+    pass
+
+
+class Outbox:
+    """An idempotent producer; ``flush_sync`` raises if anything produced since the last one failed."""
+
+    def __init__(self, bootstrap: str, client_id: str, extra: dict[str, Any] | None = None) -> None:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,  # acks=all, in order per partition, no duplicates on retry
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "batch.size": 1_048_576,
+            "queue.buffering.max.messages": 1_000_000,
+            "message.max.bytes": 8_000_000,
+            # The Java clients' partitioner, so keys land where other Kafka clients put them.
+            "partitioner": "murmur2_random",
+        }
+        conf.update(extra or {})
+        self._p = Producer(conf)
+        self._error: KafkaError | None = None
+        self.produced = 0
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None and self._error is None:
+            self._error = err
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,  # None: a tombstone on a compacted topic
+        ts_ms: int | None = None,
+        partition: int | None = None,
+        on_delivery: Delivered | None = None,
+    ) -> None:
+        kw: dict[str, Any] = {"on_delivery": on_delivery or self._on_delivery}
+        if ts_ms is not None:
+            kw["timestamp"] = ts_ms
+        if partition is not None:
+            kw["partition"] = partition
+        while True:
+            try:
+                self._p.produce(topic, value, key, **kw)
+                break
+            except BufferError:
+                # librdkafka's queue is full: serve delivery reports until there is room (backpressure).
+                self._p.poll(0.05)
+        self.produced += 1
+        if not self.produced % 10_000:
+            self._p.poll(0)  # serve delivery reports now and then between flushes
+
+    def dead_letter(
+        self,
+        dlq_topic: str,
+        source: str,
+        reason: str,
+        payload: Any,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+        on_delivery: Delivered | None = None,
+    ) -> None:
+        """A DeadLetter record (schemas/dead-letter.json) for ``payload``, keyed by its source id."""
+        dl = dead_letter(source, reason, payload, topic=topic, partition=partition, offset=offset)
+        self.produce(dlq_topic, (source or "unknown").encode(), codec.dumps(dl), on_delivery=on_delivery)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return int(self._p.poll(timeout))
+
+    async def flush(self, timeout: float = 60.0) -> None:
+        """:meth:`flush_sync` from asyncio, in a worker thread so the event loop keeps running."""
+        self._check(await asyncio.to_thread(self._p.flush, timeout), timeout)
+
+    def flush_sync(self, timeout: float = 60.0) -> None:
+        """Until everything produced so far is acknowledged by the broker; raises if anything failed."""
+        self._check(self._p.flush(timeout), timeout)
+
+    def flush_quietly(self, timeout: float = 30.0) -> int:
+        """Flush without raising; returns what is still queued (for shutdown paths)."""
+        return int(self._p.flush(timeout))
+
+    def _check(self, left: int, timeout: float) -> None:
+        if self._error is not None:
+            raise DeliveryFailed(f"Kafka refused a record: {self._error}")
+        if left:
+            raise DeliveryFailed(f"{left} record(s) not delivered within {timeout:.0f} s")
+
+
+# -- reading a partition directly, outside any consumer group --------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """The parts of a Kafka message the stages read."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def read_range(
+    bootstrap: str, topic: str, partition: int, first: int, last: int, timeout: float = 30.0
+) -> list[RawMessage]:
+    """Messages ``first..last`` of one partition, read directly (no consumer group, nothing committed)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "plantstream-range-reader",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    out: list[RawMessage] = []
+    try:
+        consumer.assign([TopicPartition(topic, partition, first)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (not out or out[-1].offset < last):
+            for m in consumer.consume(500, 0.5):
+                if m.error() is None and first <= m.offset() <= last:
+                    out.append(RawMessage(topic, partition, m.offset(), m.key(), m.value()))
+    finally:
+        consumer.close()
+    if out and out[-1].offset < last:
+        # A compacted topic may have no record at ``last`` any more, but a short read must not pass silently.
+        log.debug("%s[%d]: read through %d of %d", topic, partition, out[-1].offset, last)
+    return out
+
+
+def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) -> list[RawMessage]:
+    """Every message of one partition, from the oldest kept to the newest (e.g. a compacted state topic)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "plantstream-range-reader"})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+    finally:
+        consumer.close()
+    if high <= low:
+        return []
+    return read_range(bootstrap, topic, partition, low, high - 1, timeout)
+
+
+def ensure_compacted_topic(bootstrap: str, name: str, partitions: int, replication: int) -> None:
+    """A compacted state topic with at least ``partitions`` partitions (one per input partition)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    meta = admin.list_topics(timeout=30).topics
+    if name in meta:
+        if len(meta[name].partitions) < partitions:
+            admin.create_partitions([NewPartitions(name, partitions)])[name].result(30)
+        return
+    spec = NewTopic(
+        name,
+        num_partitions=partitions,
+        replication_factor=replication,
+        config={"cleanup.policy": "compact", "segment.bytes": str(64 * 2**20), "min.compaction.lag.ms": "0"},
+    )
+    for fut in admin.create_topics([spec], operation_timeout=30).values():
+        try:
+            fut.result(30)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise

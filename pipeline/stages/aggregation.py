@@ -1,0 +1,172 @@
+"""The aggregation stage: ``telemetry.raw`` → 1-minute aggregates, ``telemetry.latest``, the DLQ.
+
+A :class:`pipeline.stages.runtime.Step`; the window logic is pure, in :mod:`pipeline.stages.windows`.
+Semantics (docs/semantics.md):
+
+* State in memory, checkpointed every ``aggregates.checkpoint_interval`` to a compacted state topic
+  ``<app-id>-aggregate-state`` (one partition per input partition): one record per chunk of a device's series
+  with the last input offset applied, so that replaying input after a crash is idempotent. The runtime
+  commits the input offsets only after the checkpoint that covers them was acknowledged by the broker.
+* Closed aggregates are acknowledged by the broker before their windows leave the state.
+* Newly assigned partitions load their state from the state topic.
+* A partition that stays quiet for ``aggregates.idle_timeout`` (wall clock) while no input waits in it has
+  its open windows closed.
+* Batches of devices with loop tags are also routed to ``loops.samples`` (pipeline/stages/loops/).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import Message
+
+from pipeline.core import codec
+from pipeline.core.kafka import ensure_compacted_topic, read_all
+from pipeline.core.records import InvalidRecord, validate_batch
+from pipeline.core.topology import TopologyBase
+from pipeline.stages.runtime import Step
+from pipeline.stages.windows import Close, MinuteAggregator
+
+log = logging.getLogger("plantstream.worker")
+wlog = logging.getLogger("plantstream.windows")
+
+HEARTBEAT_KEY = b"\x00heartbeat"  # written by earlier versions to close quiet partitions; skipped
+
+
+class Aggregation(Step):
+    def __init__(self, topo: TopologyBase, app_id: str, counters: Any, route_loops: Any = None) -> None:
+        self.topo = topo
+        self.counters = counters
+        self.route_loops = route_loops  # LoopRouting or None
+        self.state_topic = f"{app_id}-aggregate-state"
+        ensure_compacted_topic(
+            topo.broker.bootstrap, self.state_topic, topo.broker.partitions, topo.broker.replication
+        )
+        self.engine = MinuteAggregator(grace_ms=topo.aggregates.grace)
+        self.idle_s = topo.aggregates.idle_timeout / 1000
+
+    # -- state -----------------------------------------------------------------------------------------
+    def assigned(self, partitions: list[int]) -> None:
+        for p in partitions:
+            records = read_all(self.topo.broker.bootstrap, self.state_topic, p)
+            self.engine.restore(p, ((m.key or b"", m.value) for m in records))
+            log.info(
+                "partition %d assigned: state loaded from %d checkpoint record(s), %d open window(s), "
+                "applied through offset %s",
+                p,
+                len(records),
+                self.engine.open_windows(p),
+                self.engine.parts[p].offset,
+            )
+
+    def revoked(self, partitions: list[int]) -> None:
+        self.engine.drop(partitions)
+
+    def durable(self, partitions: list[int]) -> None:
+        outbox = self.stage.outbox
+        latest = self.topo.aggregates.latest
+        for p in partitions:
+            if p not in self.engine.parts:
+                continue
+            for key, value in self.engine.checkpoint(p):
+                outbox.produce(self.state_topic, key, value, None, p)
+            if latest:
+                for rd in self.engine.take_latest(p):
+                    self._send(
+                        self.topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"]
+                    )
+
+    # -- the work --------------------------------------------------------------------------------------
+    def process(self, msgs: list[Message]) -> None:
+        handle = self._handle
+        for m in msgs:
+            handle(m.partition(), m.offset(), m.key(), m.value())
+
+    def _send(self, topic: str, key: str, value: Any, ts_ms: int | None = None) -> None:
+        self.stage.outbox.produce(topic, key.encode(), codec.dumps(value), ts_ms)
+
+    def _dlq(self, reason: str, payload: Any, source: str, partition: int, offset: int) -> None:
+        self.counters.rejected += 1
+        self.stage.outbox.dead_letter(
+            self.topo.dlq_topic,
+            source,
+            reason,
+            payload,
+            topic=self.topo.raw_topic,
+            partition=partition,
+            offset=offset,
+        )
+
+    def _close(self, partition: int, offset: int, closes: list[Close]) -> None:
+        if closes:
+            now = time.time()
+            ends: dict[int, int] = {}
+            for c in closes:
+                ends[c.aggregate["window_end"]] = ends.get(c.aggregate["window_end"], 0) + 1
+            for end, n in sorted(ends.items()):
+                # One line per partition and window end: when its windows closed (make bench reads it).
+                wlog.info("windows closed: partition=%d end=%d count=%d at=%.3f", partition, end, n, now)
+            agg_topic = self.topo.agg_topic
+            for c in closes:
+                self._send(agg_topic, c.series, c.aggregate, c.aggregate["window_start"])
+            # Durable in Kafka before the windows leave the state: a crash in between re-sends them.
+            self.stage.outbox.flush_sync()
+            self.counters.closed += len(closes)
+        self.engine.finish(partition, offset, closes)
+
+    def _handle(self, p: int, o: int, key: bytes | None, value: bytes | None) -> None:
+        if key == HEARTBEAT_KEY:
+            return
+        counters = self.counters
+        counters.messages += 1
+        src = (key or b"").decode(errors="replace")
+        try:
+            batch, bad = validate_batch(codec.loads(value or b""))
+        except codec.JSONDecodeError as e:
+            self._dlq(f"malformed: not JSON ({e})", value, src, p, o)
+            return
+        except InvalidRecord as e:
+            self._dlq(f"invalid: {e.reason}", value, src, p, o)
+            return
+        source = batch["source"] or f"{batch['site']}/{batch['device']}"
+        for r, reason in bad:
+            self._dlq(
+                f"invalid: {reason}",
+                {"site": batch["site"], "device": batch["device"], "reading": r},
+                source,
+                p,
+                o,
+            )
+        if self.route_loops is not None and (batch["site"], batch["device"]) in self.route_loops.devices:
+            self.route_loops.route_with(
+                self.stage.outbox.produce, batch, p, o
+            )  # replays too: the loop state dedups
+        applied = self.engine.apply(p, o, batch)
+        if applied.skipped:
+            counters.skipped += 1
+            return
+        counters.readings += applied.applied
+        for r, window_end in applied.late:
+            counters.late += 1
+            self._dlq(
+                f"late: window ending {window_end} already closed (watermark {self.engine.watermark(p)})",
+                {"site": batch["site"], "device": batch["device"], "reading": r},
+                source,
+                p,
+                o,
+            )
+        self._close(p, o, self.engine.due(p))
+
+    def tick(self, now: float) -> None:
+        stage = self.stage
+        for p in list(self.engine.parts):
+            seen = stage.last_data.get(p, now)
+            if now - seen < self.idle_s or not self.engine.open_windows(p) or stage.behind(p):
+                continue
+            closes = self.engine.due(p, flush_all=True)
+            log.info(
+                "partition %d quiet for %.0f s: closing its %d open window(s)", p, now - seen, len(closes)
+            )
+            self._close(p, stage.position.get(p, 0) - 1, closes)

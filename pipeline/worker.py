@@ -1,0 +1,161 @@
+"""The worker: the topology's stages, each a thread on the stage runtime (pipeline/stages/runtime.py).
+
+* ``aggregation``: ``telemetry.raw`` → ``telemetry.agg.1m``, ``telemetry.latest``, the DLQ, and the routing
+  of loop tags to ``loops.samples`` (group ``<app-id>-aggregate``);
+* ``loops``: ``loops.samples`` → ``loops.kpi``, where the topology has loops (group ``<app-id>-loops``);
+* one sink stage per sink and table (group ``<app-id>-sink-<sink>-<table>``), and the ``write_commands``
+  audit for every sink that can hold it where the topology has BACnet sources.
+
+Each stage is its own consumer group, so more workers on the same topology share the partitions of each.
+Any error that is not about the input stops the process at once without committing (:func:`fatal`); the
+input is then read again from the last commit, which the idempotent state and writes absorb. SIGTERM and
+SIGINT stop the stages cleanly: each makes its work durable and commits it before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.stages.aggregation import Aggregation
+from pipeline.stages.loops.stage import LoopRouting, LoopStats, LoopStep
+from pipeline.stages.runtime import Stage
+from pipeline.stages.sinks import SinkStep, topic_of
+from pipeline.topology import Topology
+
+log = logging.getLogger("plantstream.worker")
+
+
+def fatal(what: str, exc: BaseException) -> None:
+    """Stop the process without committing offsets (see the module docstring)."""
+    log.critical(
+        "%s: %r; stopping the worker without committing so the input is read again", what, exc, exc_info=exc
+    )
+    logging.shutdown()
+    os._exit(70)
+
+
+@dataclass
+class Counters:
+    messages: int = 0
+    readings: int = 0
+    rejected: int = 0
+    late: int = 0
+    closed: int = 0
+    skipped: int = 0
+    sink_rows: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Worker:
+    topo: Topology
+    app_id: str
+    stages: list[Stage]
+    counters: Counters
+    loop_stats: LoopStats | None = None
+
+    def start(self) -> None:
+        for s in self.stages:
+            s.start()
+        for s in self.stages:
+            s.ready.wait(30)
+        log.info("worker ready: %s", ", ".join(s.name for s in self.stages))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for s in self.stages:
+            s.stopping.set()
+        for s in self.stages:
+            s.stop(timeout)
+
+    def alive(self) -> bool:
+        return all(s.is_alive() for s in self.stages)
+
+
+def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool = True) -> Worker:
+    app_id = app_id or topo.app_id
+    bootstrap = topo.broker.bootstrap
+    counters = Counters()
+    stages: list[Stage] = []
+    routing: LoopRouting | None = None
+    stats: LoopStats | None = None
+    if topo.loops:
+        stats = LoopStats()
+        routing = LoopRouting(topo.loop_samples_topic, topo.loops, stats)
+    aggregation = Aggregation(topo, app_id, counters, routing)
+    stages.append(
+        Stage(
+            "aggregation",
+            bootstrap=bootstrap,
+            group=f"{app_id}-aggregate",
+            topic=topo.raw_topic,
+            step=aggregation,
+            fatal=fatal,
+            checkpoint_interval=topo.aggregates.checkpoint_interval / 1000,
+            consumer_conf={"fetch.max.bytes": 16 * 2**20, "max.partition.fetch.bytes": 8 * 2**20},
+        )
+    )
+    if topo.loops and stats is not None:
+        stages.append(
+            Stage(
+                "loops",
+                bootstrap=bootstrap,
+                group=f"{app_id}-loops",
+                topic=topo.loop_samples_topic,
+                step=LoopStep(topo, topo.loops, app_id, counters, stats),
+                fatal=fatal,
+                checkpoint_interval=1.0,
+                batch_size=100,
+            )
+        )
+    if with_sinks:
+        for sink in topo.sinks:
+            probe = sink.open_writer(f"{app_id}/{sink.id}")
+            for table in topo.sink_tables(sink, probe.tables):
+                writer = sink.open_writer(f"{app_id}/{sink.id}")
+                stages.append(
+                    Stage(
+                        f"sink {sink.id}/{table}",
+                        bootstrap=bootstrap,
+                        group=f"{app_id}-sink-{sink.id}-{table}",
+                        topic=topic_of(topo, table),
+                        step=SinkStep(topo, sink, table, writer, counters),
+                        fatal=fatal,
+                        checkpoint_interval=0.0,
+                        batch_size=sink.batch_size,
+                        batch_wait=sink.batch_delay / 1000,
+                        tick_interval=0.0,
+                    )
+                )
+    return Worker(topo, app_id, stages, counters, stats)
+
+
+def run(topo: Topology, app_id: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly (every stage durable and committed)."""
+    worker = build_worker(topo, app_id)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("worker: %s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.start()
+    while not stop.wait(0.5):
+        if not worker.alive():  # a stage that ends by itself has called fatal(); this is a safeguard
+            fatal("a stage stopped", RuntimeError("stage thread ended"))
+    worker.stop()
+    c = worker.counters
+    log.info(
+        "worker stopped: %d messages, %d readings, %d aggregates, %d late, %d rejected, sink rows %s",
+        c.messages,
+        c.readings,
+        c.closed,
+        c.late,
+        c.rejected,
+        c.sink_rows,
+    )
