@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# The local services' state (configuration, data, logs, pid files) stays in the checkout's .local/; without
+# it, an installed plantstream uses the per-user $XDG_STATE_HOME/plantstream (~/.local/state/plantstream).
+export PLANTSTREAM_LOCAL_DIR ?= $(CURDIR)/.local
 
 .PHONY: setup test test-unit test-integration test-e2e demo bench lint format typecheck services-up services-down services-status clean
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 
 ## setup: virtualenv with the package and its tools; Debian packages and Kafka jars for the local services
 setup: $(STAMP)
-	$(PY) -c 'from pipeline import services; services.install()'
+	$(PY) -c 'from localservices import harness; harness.install()'
 
 ## services-up / services-down / services-status: the local Kafka, PostgreSQL, Mosquitto, InfluxDB
 services-up: setup
@@ -49,14 +52,17 @@ demo: services-up
 bench: services-up
 	$(PY) -m bench.run $(BENCH_ARGS)
 
+## lint: ruff, formatting, mypy, and the import contracts (one direction of dependency)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline connectors tests bench
-	$(VENV)/bin/ruff format --check pipeline connectors tests bench
+	$(VENV)/bin/ruff check pipeline connectors localservices tests bench
+	$(VENV)/bin/ruff format --check pipeline connectors localservices tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format pipeline connectors tests bench
-	$(VENV)/bin/ruff check --fix pipeline connectors tests bench
+	$(VENV)/bin/ruff format pipeline connectors localservices tests bench
+	$(VENV)/bin/ruff check --fix pipeline connectors localservices tests bench
 
 clean:
-	rm -rf .local/worker .local/demo .local/run
+	@test -n "$(PLANTSTREAM_LOCAL_DIR)" || { echo "clean: PLANTSTREAM_LOCAL_DIR is empty" >&2; exit 1; }
+	rm -rf "$(PLANTSTREAM_LOCAL_DIR)/worker" "$(PLANTSTREAM_LOCAL_DIR)/demo" "$(PLANTSTREAM_LOCAL_DIR)/run"

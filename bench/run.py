@@ -238,7 +238,7 @@ def cleanup(env: dict[str, str], topo: dict[str, Any]) -> None:
             with contextlib.suppress(Exception):
                 fut.result(30)
     # The workers' data directory (memory store: empty, but one per run would pile up).
-    shutil.rmtree(Path(".local").resolve() / "worker" / f"bench-{topo['name']}", ignore_errors=True)
+    shutil.rmtree(services.local_dir() / "worker" / f"bench-{topo['name']}", ignore_errors=True)
 
 
 def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:

@@ -1,16 +1,20 @@
 """Real local services for development and tests, without Docker.
 
-Manages four servers under the repository's ``.local/`` directory (override with ``PLANTSTREAM_LOCAL_DIR``):
+Manages four servers under a local state directory, ``local_dir()``: ``$PLANTSTREAM_LOCAL_DIR`` when set (the
+Makefile sets it to the checkout's ``.local/``), else the per-user ``$XDG_STATE_HOME/plantstream`` or
+``~/.local/state/plantstream``. Nothing is written next to the code, so an installed wheel works from any
+directory.
 
-* ``kafka``     Apache Kafka 4.x, one KRaft node (broker + controller); jars fetched by ``services/pom.xml``.
-* ``postgres``  PostgreSQL 15 from Debian's packages, its own cluster in ``.local/postgres/data``.
+* ``kafka``     Apache Kafka 4.x, one KRaft node (broker + controller); jars fetched by Maven with the
+                ``pom.xml`` shipped in this package (copied into ``<local dir>/kafka/maven/`` and run there).
+* ``postgres``  PostgreSQL 15 from Debian's packages, its own cluster in ``<local dir>/postgres/data``.
 * ``mosquitto`` Mosquitto MQTT broker from Debian's packages.
 * ``influxdb``  InfluxDB 1.x (``influxd``) from Debian's packages.
 
-Every service gets its own directory ``.local/<name>/`` holding its configuration (rewritten on each start),
-data, log file and pid file. ``up()`` is idempotent: it installs what is missing, starts only what is not
-already healthy, and waits on real protocol-level health checks (a Kafka metadata request, a SQL query, an
-MQTT CONNECT, an HTTP ping). ``down()`` stops only processes that ``up()`` started.
+Every service gets its own directory ``<local dir>/<name>/`` holding its configuration (rewritten on each
+start), data, log file and pid file. ``up()`` is idempotent: it installs what is missing, starts only what is
+not already healthy, and waits on real protocol-level health checks (a Kafka metadata request, a SQL query,
+an MQTT CONNECT, an HTTP ping). ``down()`` stops only processes that ``up()`` started.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import fcntl
 import glob
 import grp
+import importlib.resources
 import json
 import os
 import pwd
@@ -54,8 +59,9 @@ SERVICE_NAMES: tuple[str, ...] = ("kafka", "postgres", "mosquitto", "influxdb")
 
 Progress = Callable[[str], None]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-POM_DIR = REPO_ROOT / "services"
+#: The Maven project that fetches the Kafka jars: package data of this package (``localservices/pom.xml``).
+POM_PACKAGE = "localservices"
+POM_NAME = "pom.xml"
 
 PG_USER = "plantstream"
 PG_PASSWORD = "plantstream"
@@ -136,9 +142,35 @@ def connection_env(ports: Ports | None = None) -> dict[str, str]:
 
 
 def local_dir() -> Path:
-    """The directory holding the services' configuration, data, logs and pid files."""
+    """The directory holding the services' configuration, data, logs and pid files.
+
+    ``$PLANTSTREAM_LOCAL_DIR`` when set (``make`` sets it to the checkout's ``.local/``); otherwise a per-user
+    directory, ``$XDG_STATE_HOME/plantstream`` (when that is an absolute path, as the XDG specification
+    requires) or ``~/.local/state/plantstream``. Never inside the installed package."""
     override = os.environ.get("PLANTSTREAM_LOCAL_DIR", "").strip()
-    return Path(override).expanduser().resolve() if override else REPO_ROOT / ".local"
+    if override:
+        return Path(override).expanduser().resolve()
+    state_home = Path(os.environ.get("XDG_STATE_HOME", "").strip()).expanduser()
+    if state_home.is_absolute():
+        return state_home / "plantstream"
+    try:
+        home = Path.home()
+    except RuntimeError as exc:
+        raise ServiceError(
+            f"no home directory to keep the local services in ({exc}); set PLANTSTREAM_LOCAL_DIR"
+        ) from None
+    return home / ".local" / "state" / "plantstream"
+
+
+def _pom_text() -> str:
+    """The Maven project (``pom.xml``) that fetches the Kafka jars, read from the installed package."""
+    try:
+        return importlib.resources.files(POM_PACKAGE).joinpath(POM_NAME).read_text(encoding="utf-8")
+    except (OSError, ModuleNotFoundError) as exc:
+        raise ServiceError(
+            f"kafka: cannot read {POM_NAME} from the {POM_PACKAGE} package ({exc}); "
+            "the installation is incomplete (package data missing from the wheel?)"
+        ) from exc
 
 
 def _pg_dsn(p: Ports) -> str:
@@ -665,6 +697,7 @@ class _Kafka(_Service):
         self.config = self.dir / "server.properties"
         self.log4j = self.dir / "log4j2.properties"
         self.cluster_id_file = self.dir / "cluster-id"
+        self.maven_dir = self.dir / "maven"
 
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.ports.kafka}"
@@ -695,16 +728,27 @@ class _Kafka(_Service):
             missing.append("maven")
         return missing
 
+    def _maven_project(self) -> Path:
+        """A writable directory holding a copy of the package's pom.xml, where Maven runs (never inside the
+        installed package, which may be read-only site-packages)."""
+        _write_text(self.maven_dir / POM_NAME, _pom_text())
+        return self.maven_dir
+
     def install_extra(self, progress: Progress) -> None:
         install_log = self.dir / "install.log"
-        if not self._jars("kafka_2.13-*.jar"):
+        need_kafka = not self._jars("kafka_2.13-*.jar")
+        need_binding = bool(self._jars("slf4j-api-1.*.jar")) and not self._jars("log4j-slf4j-impl-*.jar")
+        if not (need_kafka or need_binding):
+            return
+        maven_dir = self._maven_project()
+        if need_kafka:
             progress(f"kafka: fetching the broker jars with Maven into {self.libs} (log: {install_log})")
             self.libs.mkdir(parents=True, exist_ok=True)
             _run(
                 "kafka",
                 "fetching the Kafka jars (mvn dependency:copy-dependencies)",
                 ["mvn", "-q", "-B", "dependency:copy-dependencies", f"-DoutputDirectory={self.libs}"],
-                cwd=POM_DIR,
+                cwd=maven_dir,
                 log_file=install_log,
                 timeout=1800,
             )
@@ -732,7 +776,7 @@ class _Kafka(_Service):
                     f"-Dartifact=org.apache.logging.log4j:log4j-slf4j-impl:{version}",
                     f"-DoutputDirectory={self.libs}",
                 ],
-                cwd=POM_DIR,
+                cwd=maven_dir,
                 log_file=install_log,
                 timeout=600,
             )

@@ -24,7 +24,9 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Stream processing for operational-technology telemetry."
 )
 services_app = typer.Typer(
-    no_args_is_help=True, help="Local Kafka, PostgreSQL, Mosquitto and InfluxDB under .local/."
+    no_args_is_help=True,
+    help="Local Kafka, PostgreSQL, Mosquitto and InfluxDB under $PLANTSTREAM_LOCAL_DIR "
+    "(default: ~/.local/state/plantstream).",
 )
 app.add_typer(services_app, name="services")
 console = Console(stderr=True)
@@ -195,13 +197,14 @@ def simulate(
     """Simulated devices: the OPC UA plant and BACnet units the sources need, and MQTT publishing."""
     from connectors.sim import devices
     from connectors.sim.mqtt_publisher import run_simulation
+    from localservices.harness import local_dir
 
     topo = _load(topology)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        servers = devices.start(list(topo.sources), Path(".local") / "sim")
+        servers = devices.start(list(topo.sources), local_dir() / "sim")
     except (RuntimeError, OSError) as e:
         console.print(f"[bold red]simulate failed:[/] {e}")
         raise typer.Exit(1) from None
@@ -352,8 +355,10 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 @app.command()
 def run(topology: TopologyArg) -> None:
     """Connectors and worker together; Ctrl-C stops both."""
+    from localservices.harness import local_dir
+
     _load(topology)
-    logs = Path(".local") / "run"
+    logs = local_dir() / "run"
     procs = [
         _spawn(["connect", str(topology)], logs / "connect.log"),
         _spawn(["worker", str(topology)], logs / "worker.log"),
@@ -393,7 +398,7 @@ def demo(
     del env
     topo = _load(topology)
     do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
-    logs = Path(".local") / "demo"
+    logs = services.local_dir() / "demo"
     procs = [
         _spawn(["simulate", str(topology)], logs / "simulate.log"),
         _spawn(["connect", str(topology)], logs / "connect.log"),
@@ -450,7 +455,7 @@ def demo(
                     latest[a["series"]] = a
                 live.update(render())
                 if any(p.poll() is not None for p in procs):
-                    console.print("[red]a demo process exited; see its log in .local/demo/[/]")
+                    console.print(f"[red]a demo process exited; see its log in {logs}/[/]")
                     break
     except KeyboardInterrupt:
         pass

@@ -6,9 +6,16 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tests use the services living in the checkout's .local/ (as `make test`, which exports the same
+# variable), not the per-user state directory an installed plantstream defaults to. Subprocesses inherit it.
+os.environ.setdefault("PLANTSTREAM_LOCAL_DIR", str(REPO / ".local"))
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from pipeline.readback import read_range
+
+from pipeline.core.kafka import read_range
 
 pytestmark = pytest.mark.integration
 
