@@ -363,7 +363,7 @@ def load(path: str | Path, env: dict[str, str] | None = None) -> Topology:
 def _duration_defaults(node: Any) -> None:
     """Durations are milliseconds inside but a bare number in YAML means seconds: show defaults as text."""
     if isinstance(node, dict):
-        if isinstance(node.get("default"), int) and "(ms|s|m|h)" in str(node.get("anyOf", "")):
+        if isinstance(node.get("default"), int) and "(ms|s|m|h|d)" in str(node.get("anyOf", "")):
             node["default"] = f"{node['default']}ms"
         for v in node.values():
             _duration_defaults(v)
