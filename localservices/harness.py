@@ -807,7 +807,7 @@ class _Kafka(_Service):
         # A static single-voter quorum (controller.quorum.voters) rather than a dynamic one formatted with
         # --standalone: the dynamic form records the controller endpoint in the metadata log, so a later
         # change of PLANTSTREAM_KAFKA_CONTROLLER_PORT would leave the node unable to find its own quorum.
-        return f"""# Written by pipeline/services.py on every start; edits are overwritten.
+        return f"""# Written by localservices/harness.py on every start; edits are overwritten.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{p.kafka_controller}
@@ -835,7 +835,7 @@ num.io.threads=4
 
     def _log4j_properties(self) -> str:
         log = self.log_file
-        return f"""# Written by pipeline/services.py on every start; edits are overwritten.
+        return f"""# Written by localservices/harness.py on every start; edits are overwritten.
 status = warn
 name = plantstream-kafka
 appender.file.type = RollingFile
@@ -1039,7 +1039,7 @@ class _Postgres(_Service):
                 progress(f"postgres: created database {PG_DATABASE}")
 
     def _settings(self) -> str:
-        return f"""# Written by pipeline/services.py on every start; edits are overwritten.
+        return f"""# Written by localservices/harness.py on every start; edits are overwritten.
 listen_addresses = '127.0.0.1'
 port = {self.ports.postgres}
 unix_socket_directories = '{self.sock}'
@@ -1219,7 +1219,7 @@ class _Mosquitto(_Service):
         return None if result == "ok" else result
 
     def _conf(self) -> str:
-        return f"""# Written by pipeline/services.py on every start; edits are overwritten.
+        return f"""# Written by localservices/harness.py on every start; edits are overwritten.
 per_listener_settings false
 listener {self.ports.mosquitto} 127.0.0.1
 allow_anonymous true
@@ -1327,7 +1327,7 @@ class _InfluxDB(_Service):
             raise self.error(f"CREATE DATABASE {INFLUX_DATABASE} failed: HTTP {code} {body[:200]!r}")
 
     def _conf(self) -> str:
-        return f"""# Written by pipeline/services.py on every start; edits are overwritten.
+        return f"""# Written by localservices/harness.py on every start; edits are overwritten.
 reporting-disabled = true
 bind-address = "127.0.0.1:{self.ports.influxdb_rpc}"
 

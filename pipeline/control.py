@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.core import codec
 from pipeline.core.commands import CommandResult, WriteCommand
+from pipeline.core.kafka import Outbox
 from pipeline.core.topology import TopologyBase
 
 
@@ -38,9 +39,10 @@ def send_command(topo: TopologyBase, cmd: WriteCommand, wait: float | None = 30.
             _lo, hi = watcher.get_watermark_offsets(TopicPartition(topo.results_topic, p), timeout=10)
             starts.append(TopicPartition(topo.results_topic, p, hi))
         watcher.assign(starts)
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
-    producer.produce(topo.commands_topic, codec.dumps(cmd), cmd["point"].encode(), timestamp=cmd["ts"])
-    if producer.flush(15) != 0:
+    # Commands keyed by point, on the partitions they always used (librdkafka's default partitioner).
+    producer = Outbox(bootstrap, "plantstream-cli", {"partitioner": "consistent_random", "linger.ms": 0})
+    producer.produce(topo.commands_topic, cmd["point"].encode(), codec.dumps(cmd), cmd["ts"])
+    if producer.flush_quietly(15) != 0:
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the command was not delivered to Kafka"))
     if watcher is None:
         return None

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from connectors.bacnet.config import BacnetSource
 from pipeline.core import codec
@@ -40,7 +40,8 @@ from pipeline.core.commands import (
     parse_command,
     result_for,
 )
-from pipeline.core.records import dead_letter, now_ms
+from pipeline.core.kafka import Outbox
+from pipeline.core.records import now_ms
 from pipeline.core.topology import TopologyBase
 
 log = logging.getLogger("plantstream.commands")
@@ -153,7 +154,7 @@ class CommandExecutor:
         self.stats = ExecutorStats()
         self.executed: set[str] = set()
         self.ready = threading.Event()
-        self._producer: Producer | None = None
+        self._producer: Outbox | None = None
         self._consumer: Consumer | None = None
         # One thread for every blocking Kafka call: librdkafka aborts the process when a consumer is
         # closed while another thread is still inside consume(), which a cancelled await would allow.
@@ -168,13 +169,10 @@ class CommandExecutor:
     # Blocking Kafka calls run on their own thread so the source's event loop (polls, COV) keeps going.
     async def run(self, stop: threading.Event, execute: Execute) -> None:
         bootstrap = self.topo.broker.bootstrap
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "linger.ms": 2,
-                "client.id": f"plantstream-commands-{self.source_id}",
-            }
+        self._producer = Outbox(
+            bootstrap,
+            f"plantstream-commands-{self.source_id}",
+            {"linger.ms": 2, "partitioner": "consistent_random"},  # results keyed by point, as before
         )
         self._consumer = Consumer(
             {
@@ -206,7 +204,7 @@ class CommandExecutor:
                         log.warning("source %s: command consumer: %s", self.source_id, msg.error())
                 self._producer.poll(0)
         finally:
-            await self._blocking(self._producer.flush, 10)
+            await self._blocking(self._producer.flush_quietly, 10)
             await self._blocking(self._consumer.close)
             self._kafka_thread.shutdown(wait=True)
 
@@ -264,7 +262,7 @@ class CommandExecutor:
         )
         self.executed.add(cmd["id"])
         assert self._producer is not None
-        self._producer.flush(10)
+        self._producer.flush_quietly(10)
 
     async def _handle(self, msg: Any, execute: Execute) -> None:
         self.stats.received += 1
@@ -336,7 +334,8 @@ class CommandExecutor:
                 await self._answer(result_for(raw, "rejected", reason, self.source_id))
             else:  # without an id there is nobody to answer: keep it where rejected input goes
                 assert self._producer is not None
-                dl = dead_letter(
+                self._producer.dead_letter(
+                    self.topo.dlq_topic,
                     f"commands:{self.source_id}",
                     reason,
                     msg.value(),
@@ -344,23 +343,19 @@ class CommandExecutor:
                     partition=msg.partition(),
                     offset=msg.offset(),
                 )
-                self._producer.produce(self.topo.dlq_topic, codec.dumps(dl), self.source_id.encode())
         await self._commit(msg)
 
     def _publish(self, result: CommandResult) -> None:
         assert self._producer is not None
         self._producer.produce(
-            self.topo.results_topic,
-            codec.dumps(result),
-            result["point"].encode(),
-            timestamp=result["completed_at"],
+            self.topo.results_topic, result["point"].encode(), codec.dumps(result), result["completed_at"]
         )
 
     async def _answer(self, result: CommandResult) -> None:
         self.executed.add(result["id"])
         self._publish(result)
         assert self._producer is not None
-        await self._blocking(self._producer.flush, 10)
+        await self._blocking(self._producer.flush_quietly, 10)
 
     async def _commit(self, msg: Any) -> None:
         assert self._consumer is not None

@@ -407,7 +407,7 @@ def _sticky_valve(seed: int) -> ScenarioSpec:
         disturbances=(Step(at_s=0.0, size=1.0, where="input"),),
         noise_sigma=0.05,
         seed=seed,
-        description="KPI_SPEC §5a: K=1, τ=10 s, 2-sample delay, PI Kc=0.3 Ti=10 s, He model fs=3 %, fd=0",
+        description="loop KPIs §5a: K=1, τ=10 s, 2-sample delay, PI Kc=0.3 Ti=10 s, He model fs=3 %, fd=0",
         facts={"oscillating": True, "stiction": True},
     )
 

@@ -1,4 +1,4 @@
-"""Record shapes on the topics (DESIGN.md §3) and the validation of incoming readings.
+"""Record shapes on the topics (docs/contracts.md) and the validation of incoming readings.
 
 Records travel as plain dicts encoded by :mod:`pipeline.core.codec`; the TypedDicts below document and type
 them, and ``schemas/*.json`` state the same shapes language-neutrally (a unit test keeps them in step).

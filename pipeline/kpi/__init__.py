@@ -1,4 +1,4 @@
-"""Control-loop performance KPIs (KPI_SPEC.md), pure numpy.
+"""Control-loop performance KPIs (docs/loop-kpis.md), pure numpy.
 
 A stream agent calls :func:`compute_all` once per reporting window W with the window, the analysis
 ring buffer H (both :class:`LoopWindow`, built with :func:`align`), the loop's :class:`LoopConfig` and

@@ -1,4 +1,4 @@
-"""Shared pieces of the loop KPIs: result and status types, the uniform grid, validity masks (KPI_SPEC §0).
+"""Shared pieces of the loop KPIs: results, statuses, the uniform grid, validity masks (docs/loop-kpis.md §0).
 
 Conventions used by every KPI module:
 

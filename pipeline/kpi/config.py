@@ -1,4 +1,4 @@
-"""Per-loop configuration: loop facts plus every tunable default of the KPIs (KPI_SPEC §0)."""
+"""Per-loop configuration: loop facts plus every tunable default of the KPIs (docs/loop-kpis.md §0)."""
 
 from __future__ import annotations
 

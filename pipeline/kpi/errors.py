@@ -1,4 +1,4 @@
-"""Control-error statistics over normal-mode samples (KPI_SPEC §2).
+"""Control-error statistics over normal-mode samples (docs/loop-kpis.md §2).
 
 mean, std (ddof 1), IAE, ISE/RMSE and ITAE of e% = 100·(SP - PV)/span. Each is time-normalised so it
 reads in % of span and does not grow with the window length. Manual periods are skipped, never bridged.

@@ -1,4 +1,4 @@
-"""Harris minimum-variance index (KPI_SPEC §4).
+"""Harris minimum-variance index (docs/loop-kpis.md §4).
 
 For mean-removed y_t = ψ(q)a_t and a loop delay of b samples, minimum-variance control leaves
 sigma²_mv = sigma²_a·Σ_{i<b} ψ_i² (Harris 1989, Can. J. Chem. Eng. 67:856). The index is

@@ -1,4 +1,4 @@
-"""Oscillation detection (KPI_SPEC §3).
+"""Oscillation detection (docs/loop-kpis.md §3).
 
 * :func:`hagglund_update` — Hägglund's online load-detection detector (Hägglund 1995, CEP 3:1543-1551;
   implementation notes in Hägglund 2005, CEP 13:1383), stateful across windows through

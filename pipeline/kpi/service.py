@@ -1,4 +1,4 @@
-"""Service factor and OP saturation (KPI_SPEC §1).
+"""Service factor and OP saturation (docs/loop-kpis.md §1).
 
 Service factor = time in normal (design) mode over valid time (Desborough & Miller 2002, AIChE Symp. Ser.
 98; Paulonis & Cox 2003, JPC 13:155). Saturation = share of valid time with OP within δs of a limit; a

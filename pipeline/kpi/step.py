@@ -1,4 +1,4 @@
-"""Set-point step response (KPI_SPEC §7).
+"""Set-point step response (docs/loop-kpis.md §7).
 
 A step is |ΔSP| ≥ δsp (1 % of span and at least 5 sigma of SP noise) with the loop in a local-SP normal
 mode before and after it. The response is followed for H_s = max(10 min, 20θ, 5Ti) while SP stays within

@@ -1,4 +1,4 @@
-"""Valve stiction tests for an oscillating, self-regulating loop (KPI_SPEC §5).
+"""Valve stiction tests for an oscillating, self-regulating loop (docs/loop-kpis.md §5).
 
 * 5a cross-correlation OP→PV (Horch 1999, CEP 7:1221): an odd CCF points to stiction, an even one to
   tuning or an external cause; quantified by the phase Δφ = π(τ_r + τ_l)/(τ_r - τ_l) of the nearest zero

@@ -1,4 +1,4 @@
-"""Valve travel and reversals (KPI_SPEC §6).
+"""Valve travel and reversals (docs/loop-kpis.md §6).
 
 OP first goes through a backlash (deadband) filter of width δr, because raw Σ|ΔOP| is dominated by
 noise (0.05 % white noise alone gives about 200 %/h). Travel = Σ|Δy| per valid hour, reversals = sign

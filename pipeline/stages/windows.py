@@ -1,4 +1,4 @@
-"""Event-time 1-minute aggregation: pure logic, no Kafka (DESIGN.md §4).
+"""Event-time 1-minute aggregation: pure logic, no Kafka (docs/semantics.md).
 
 The state lives in memory, in plain Python objects, and is made durable by **checkpoints**: the stage calls
 :meth:`MinuteAggregator.checkpoint` for a partition every few seconds, writes the records it returns to the
@@ -11,7 +11,7 @@ Records (keys and values are bytes; values are JSON):
 * one record per **chunk**, ``site/device#k``: up to :data:`CHUNK_POINTS` series of one device, each with its
   open windows, its unit and the newest event time published to ``telemetry.latest``, plus the last input
   offset applied to the chunk. A device's series share records (one write per device, not per series), and a
-  device with thousands of points is split so no record grows without bound (DESIGN.md §4);
+  device with thousands of points is split so no record grows without bound (docs/semantics.md);
 * one record per input partition, ``\x00wm/<partition>``: the event-time watermark, the highest event time
   seen and the last input offset fully applied.
 

@@ -81,7 +81,7 @@ def topology(ns: dict[str, str]) -> dict[str, Any]:
 def make_traffic(ns: dict[str, str], seed: int = 7):
     """Returns (messages in publish order, on-time readings, late readings, malformed payloads).
 
-    All devices report concurrently, as a plant does: the per-partition watermark (DESIGN.md §4) judges a
+    All devices report concurrently, as a plant does: the per-partition watermark (docs/semantics.md) judges a
     device by the newest event time of every device on its partition, so devices replaying different
     hours one after the other would rightly be late.
     """

@@ -4,7 +4,8 @@
 would: each window and its horizon are aligned directly over their time range with ``pipeline.kpi.align``
 (no ring buffer, no carried last values, no state records), PV/SP/OP rounded as the stream stores them
 (float32 offsets from the range's low end), and ``compute_all`` called window after window with its state.
-The stream (pipeline/loops.py) must give the same records whatever its batching, replays and restarts.
+The stream (pipeline/stages/loops/engine.py) must give the same records whatever its batching, replays and
+restarts.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pipeline.core.topology import Model
 LOOP_TAGS = ("pv", "sp", "op", "mode")
 # Samples a loop's analysis horizon may hold: its state record (float32 arrays, base64) stays under ~300 kB.
 MAX_HORIZON_SAMPLES = 16_384
-DEFAULT_HORIZON_SAMPLES = 4_096  # enough for every KPI, bicoherence included (KPI_SPEC §0)
+DEFAULT_HORIZON_SAMPLES = 4_096  # enough for every KPI, bicoherence included (docs/loop-kpis.md §0)
 THRESHOLD_GROUPS = ("gate", "service", "hagglund", "acf", "harris", "stiction", "valve", "step")
 
 
@@ -152,7 +152,7 @@ class LoopHold(Model):
 
 
 class Loop(Model):
-    """One PI(D) control loop whose KPIs are computed per event-time window (KPI_SPEC.md)."""
+    """One PI(D) control loop whose KPIs are computed per event-time window (docs/loop-kpis.md)."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="loop id, the key of loops.kpi and kpi_results")
     pv: SeriesId

@@ -317,7 +317,7 @@ def mode_labels(codes: npt.NDArray[np.float32], d: LoopDef) -> npt.NDArray[Any]:
 
 
 def align_grid(d: LoopDef, samples: Sequence[Sample], t0: int, t1: int) -> Grid:
-    """The loop's samples on the grid t0, t0 + ts, … < t1 (KPI_SPEC §0, via :func:`pipeline.kpi.align`).
+    """The loop's samples on the grid t0, t0 + ts, … < t1 (docs/loop-kpis.md §0; :func:`pipeline.kpi.align`).
 
     ``samples`` must include the last sample of each tag before t0 (the hold covers the window start).
     Times stay integer milliseconds, so a sample exactly on a grid point is found there. A tag with a

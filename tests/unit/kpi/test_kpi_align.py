@@ -1,4 +1,4 @@
-"""KPI_SPEC §0: resampling onto the uniform grid with last-value hold ≤ 3·Ts."""
+"""docs/loop-kpis.md §0: resampling onto the uniform grid with last-value hold ≤ 3·Ts."""
 
 import math
 

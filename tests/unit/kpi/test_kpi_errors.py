@@ -1,4 +1,4 @@
-"""KPI_SPEC §2: error statistics over normal-mode samples."""
+"""docs/loop-kpis.md §2: error statistics over normal-mode samples."""
 
 import numpy as np
 import pytest

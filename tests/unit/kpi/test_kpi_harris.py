@@ -1,4 +1,4 @@
-"""KPI_SPEC §4: Harris minimum-variance index."""
+"""docs/loop-kpis.md §4: Harris minimum-variance index."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""KPI_SPEC §3: Hägglund load detector (3a) and ACF regularity (3b). Ts = 1 s, N = 900 unless noted."""
+"""docs/loop-kpis.md §3: Hägglund load detector (3a) and ACF regularity (3b). Ts 1 s, N 900 unless noted."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Edge cases (KPI_SPEC §0): whatever the data, compute_all gives every KPI a status and never raises."""
+"""Edge cases (docs/loop-kpis.md §0): whatever the data, compute_all gives each KPI a status, never raises."""
 
 import json
 import math

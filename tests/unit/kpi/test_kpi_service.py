@@ -1,4 +1,4 @@
-"""KPI_SPEC §1: service factor and OP saturation."""
+"""docs/loop-kpis.md §1: service factor and OP saturation."""
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""KPI_SPEC §7: set-point step response."""
+"""docs/loop-kpis.md §7: set-point step response."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""KPI_SPEC §5: valve stiction (5a cross-correlation, 5b area ratio, verdict, 5c bicoherence)."""
+"""docs/loop-kpis.md §5: valve stiction (5a cross-correlation, 5b area ratio, verdict, 5c bicoherence)."""
 
 import math
 from dataclasses import replace

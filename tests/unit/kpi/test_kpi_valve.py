@@ -1,4 +1,4 @@
-"""KPI_SPEC §6: valve travel and reversals through a backlash filter."""
+"""docs/loop-kpis.md §6: valve travel and reversals through a backlash filter."""
 
 import numpy as np
 import pytest
