@@ -37,4 +37,4 @@ class PostgresSink(SinkBase):
     def open_writer(self, consumer: str) -> Any:
         from connectors.timescale.sink import PostgresSinkWriter  # psycopg: only where a sink runs
 
-        return PostgresSinkWriter(self, consumer)
+        return PostgresSinkWriter(self.id, self.dsn, self.schema_name, self.retention, consumer)

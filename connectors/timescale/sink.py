@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from connectors.common.sink import Entry, Refused, WriteResult
-from connectors.timescale.config import PostgresSink
 from connectors.timescale.rows import ROWS
 from connectors.timescale.schema import create_schema, enforce_retention
 from connectors.timescale.writer import PostgresWriter, Record
@@ -28,33 +27,33 @@ RETENTION_EVERY_S = 3600.0
 class PostgresSinkWriter:
     tables = frozenset(ROWS)
 
-    def __init__(self, cfg: PostgresSink, consumer: str) -> None:
-        self.cfg = cfg
-        self.writer = PostgresWriter(cfg.dsn, cfg.schema_name, consumer=consumer)
+    def __init__(self, sink_id: str, dsn: str, schema: str, retention_ms: int | None, consumer: str) -> None:
+        self.sink_id, self.dsn, self.schema, self.retention = sink_id, dsn, schema, retention_ms
+        self.writer = PostgresWriter(dsn, schema, consumer=consumer)
         self._retention_due = 0.0  # monotonic time of the next retention pass
         self._written_tables: set[str] = set()
 
     def deploy(self, tables: Sequence[str], say: Callable[[str], None]) -> dict[str, str]:
-        retention = self.cfg.retention
+        retention = self.retention
         kinds = create_schema(
-            self.cfg.dsn,
-            self.cfg.schema_name,
+            self.dsn,
+            self.schema,
             tuple(sorted(set(tables))),
             retention_days=max(1, retention // DAY_MS) if retention else None,
         )
         for table, kind in kinds.items():
-            say(f"sink {self.cfg.id}: table {self.cfg.schema_name}.{table} ready ({kind})")
+            say(f"sink {self.sink_id}: table {self.schema}.{table} ready ({kind})")
         if retention:
             self._retain(tuple(kinds), say)
         return kinds
 
     def _retain(self, tables: tuple[str, ...], say: Callable[[str], None] = log.info) -> None:
-        assert self.cfg.retention
+        assert self.retention
         for table, dropped in enforce_retention(
-            self.cfg.dsn, self.cfg.schema_name, tables, self.cfg.retention
+            self.dsn, self.schema, tables, self.retention
         ).items():
             if dropped:
-                say(f"sink {self.cfg.id}: retention dropped {len(dropped)} partition(s) of {table}")
+                say(f"sink {self.sink_id}: retention dropped {len(dropped)} partition(s) of {table}")
                 self.writer.forget_partitions(table)
 
     async def write(self, table: str, topic: str, entries: Sequence[Entry]) -> WriteResult:
@@ -81,7 +80,7 @@ class PostgresSinkWriter:
                     seen.add((rec.partition, rec.offset))
                     out.refused.append(Refused(rec.partition, rec.offset, rec.source, reason))
         self._written_tables.add(table)
-        if self.cfg.retention and time.monotonic() >= self._retention_due:
+        if self.retention and time.monotonic() >= self._retention_due:
             self._retention_due = time.monotonic() + RETENTION_EVERY_S
             await asyncio.to_thread(self._retain, tuple(sorted(self._written_tables)))
         return out

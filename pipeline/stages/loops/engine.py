@@ -449,7 +449,7 @@ class Applied:
     """What :meth:`LoopEngine.apply` did with one loops.samples message."""
 
     skipped: bool = False  # applied before (replay of loops.samples)
-    duplicate: bool = False  # routed again after a restart of the aggregation agent
+    duplicate: bool = False  # routed again after a restart of the aggregation stage
     applied: int = 0
     late: list[Sample] = field(default_factory=list)
     invalid: int = 0
