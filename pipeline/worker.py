@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.kafka import ensure_compacted_topic
 from pipeline.stages.aggregation import Aggregation
 from pipeline.stages.loops.stage import LoopRouting, LoopStats, LoopStep
 from pipeline.stages.runtime import Stage
@@ -47,6 +48,7 @@ class Counters:
     late: int = 0
     closed: int = 0
     skipped: int = 0
+    duplicates: int = 0
     sink_rows: dict[str, int] = field(default_factory=dict)
 
 
@@ -86,6 +88,9 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
         stats = LoopStats()
         routing = LoopRouting(topo.loop_samples_topic, topo.loops, stats)
     aggregation = Aggregation(topo, app_id, counters, routing)
+    state_topics = [aggregation.state_topic] + ([f"{app_id}-loop-state"] if topo.loops else [])
+    for name in state_topics:  # compacted, one partition per input partition
+        ensure_compacted_topic(bootstrap, name, topo.broker.partitions, topo.broker.replication)
     stages.append(
         Stage(
             "aggregation",

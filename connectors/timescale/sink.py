@@ -64,7 +64,7 @@ class PostgresSinkWriter:
         for e in entries:
             try:
                 rows = to_rows(e.record)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except Exception as exc:  # the mapping is pure: whatever it raises is about the record
                 refused.append(Refused(e.partition, e.offset, e.source, f"invalid {kind}: {exc!r}"))
                 continue
             records.extend(Record(e.partition, e.offset, row, None if expand else e.source) for row in rows)

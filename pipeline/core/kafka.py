@@ -155,10 +155,11 @@ def read_range(
                     out.append(RawMessage(topic, partition, m.offset(), m.key(), m.value()))
     finally:
         consumer.close()
-    if out and out[-1].offset < last:
-        # A compacted topic may have no record at ``last`` any more, but a short read must not pass silently.
-        log.debug("%s[%d]: read through %d of %d", topic, partition, out[-1].offset, last)
     return out
+
+
+class IncompleteRead(RuntimeError):
+    pass
 
 
 def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) -> list[RawMessage]:
@@ -170,7 +171,16 @@ def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) 
         consumer.close()
     if high <= low:
         return []
-    return read_range(bootstrap, topic, partition, low, high - 1, timeout)
+    out = read_range(bootstrap, topic, partition, low, high - 1, timeout)
+    # The newest record of a partition is never compacted away: a read that did not reach it is partial,
+    # and state loaded from it would silently miss whatever came later.
+    if not out or out[-1].offset < high - 1:
+        got = out[-1].offset if out else None
+        raise IncompleteRead(
+            f"{topic}[{partition}]: read offsets {low}..{got} of {low}..{high - 1} within {timeout:.0f} s; "
+            "refusing to start from part of the state (broker overloaded? a restart tries again)"
+        )
+    return out
 
 
 def ensure_compacted_topic(bootstrap: str, name: str, partitions: int, replication: int) -> None:

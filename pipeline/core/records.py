@@ -152,6 +152,7 @@ def _check_reading_fields(r: Any) -> BatchReading:
             and TS_MIN_MS <= ts < TS_MAX_MS
             and type(value) is float
             and value - value == 0.0
+            and type(q) is str
             and q in QUALITIES
         ):
             return r  # type: ignore[return-value]
@@ -165,9 +166,9 @@ def _check_reading_fields(r: Any) -> BatchReading:
         "quality": "good",
     }
     q = r.get("quality", "good")
-    if q not in QUALITIES:
+    if not isinstance(q, str) or q not in QUALITIES:
         raise InvalidRecord(f"quality must be one of good, uncertain, bad; got {q!r:.40}")
-    out["quality"] = q
+    out["quality"] = q  # type: ignore[typeddict-item]  # one of QUALITIES, checked above
     unit = r.get("unit")
     if unit is not None:
         if not isinstance(unit, str):

@@ -44,10 +44,12 @@ class Broker(Model):
 class Aggregates(Model):
     window: Literal["1m"] = "1m"
     grace: DurationMs = Field(
-        10_000, description="how far behind the highest event time a reading may arrive"
+        10_000, description="how far behind its device's newest event time a reading may arrive"
     )
     idle_timeout: DurationMs = Field(
-        30_000, description="wall-clock quiet time after which a partition's windows close"
+        30_000,
+        description="wall-clock quiet time after which a device's open windows close (once its "
+        "partition is drained)",
     )
     latest: bool = Field(True, description="keep the compacted telemetry.latest topic")
     checkpoint_interval: DurationMs = Field(
@@ -56,6 +58,20 @@ class Aggregates(Model):
         description="how often the worker makes its aggregation state durable and acknowledges its input; "
         "after a crash at most this much input is read again. telemetry.latest is published at this pace",
     )
+
+    max_future: DurationMs = Field(
+        "5m",
+        validate_default=True,
+        description="readings stamped further ahead of the wall clock go to the DLQ as 'future' and move no "
+        "device's clock",
+    )
+
+    @field_validator("max_future")
+    @classmethod
+    def _future(cls, v: int) -> int:
+        if not 1_000 <= v <= 7 * 86_400_000:
+            raise ValueError("max_future must be between 1s and 7d")
+        return v
 
     @field_validator("checkpoint_interval")
     @classmethod

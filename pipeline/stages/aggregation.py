@@ -8,9 +8,12 @@ Semantics (docs/semantics.md):
   with the last input offset applied, so that replaying input after a crash is idempotent. The runtime
   commits the input offsets only after the checkpoint that covers them was acknowledged by the broker.
 * Closed aggregates are acknowledged by the broker before their windows leave the state.
-* Newly assigned partitions load their state from the state topic.
-* A partition that stays quiet for ``aggregates.idle_timeout`` (wall clock) while no input waits in it has
-  its open windows closed.
+* Newly assigned partitions load their state from the state topic; a load that cannot read the whole
+  partition stops the worker rather than start with part of the state.
+* Each device has its own event-time clock (``windows.py``). A device quiet for ``aggregates.idle_timeout``
+  (wall clock) while no input waits in its partition has its open windows closed; one quiet for
+  :data:`EVICT_AFTER_S` more leaves the state but for its clock.
+* No input, whatever its bytes, stops the stage: what is wrong with a record goes to the DLQ with the reason.
 * Batches of devices with loop tags are also routed to ``loops.samples`` (pipeline/stages/loops/).
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.core import codec
-from pipeline.core.kafka import ensure_compacted_topic, read_all
+from pipeline.core.kafka import read_all
 from pipeline.core.records import InvalidRecord, validate_batch
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.runtime import Step
@@ -33,6 +36,7 @@ log = logging.getLogger("plantstream.worker")
 wlog = logging.getLogger("plantstream.windows")
 
 HEARTBEAT_KEY = b"\x00heartbeat"  # written by earlier versions to close quiet partitions; skipped
+EVICT_AFTER_S = 600.0  # quiet time, after its windows closed, before a device's series leave the memory
 
 
 class Aggregation(Step):
@@ -40,12 +44,15 @@ class Aggregation(Step):
         self.topo = topo
         self.counters = counters
         self.route_loops = route_loops  # LoopRouting or None
-        self.state_topic = f"{app_id}-aggregate-state"
-        ensure_compacted_topic(
-            topo.broker.bootstrap, self.state_topic, topo.broker.partitions, topo.broker.replication
+        self.state_topic = f"{app_id}-aggregate-state"  # the worker creates it
+        self.engine = MinuteAggregator(
+            grace_ms=topo.aggregates.grace, max_future_ms=topo.aggregates.max_future
         )
-        self.engine = MinuteAggregator(grace_ms=topo.aggregates.grace)
         self.idle_s = topo.aggregates.idle_timeout / 1000
+        self.evict_s = max(self.idle_s, EVICT_AFTER_S)
+        self.seen: dict[str, float] = {}  # device -> monotonic time of its last message
+        self.now = 0.0
+        self.wall_ms = 0
 
     # -- state -----------------------------------------------------------------------------------------
     def assigned(self, partitions: list[int]) -> None:
@@ -63,6 +70,7 @@ class Aggregation(Step):
 
     def revoked(self, partitions: list[int]) -> None:
         self.engine.drop(partitions)
+        self.seen = {k: v for k, v in self.seen.items() if k in self.engine.devices}
 
     def durable(self, partitions: list[int]) -> None:
         outbox = self.stage.outbox
@@ -80,6 +88,8 @@ class Aggregation(Step):
 
     # -- the work --------------------------------------------------------------------------------------
     def process(self, msgs: list[Message]) -> None:
+        self.now = time.monotonic()
+        self.wall_ms = time.time_ns() // 1_000_000
         handle = self._handle
         for m in msgs:
             handle(m.partition(), m.offset(), m.key(), m.value())
@@ -130,43 +140,72 @@ class Aggregation(Step):
         except InvalidRecord as e:
             self._dlq(f"invalid: {e.reason}", value, src, p, o)
             return
-        source = batch["source"] or f"{batch['site']}/{batch['device']}"
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+            # A shape no check foresaw: about the record, not the infrastructure.
+            self._dlq(f"invalid: {e!r}", value, src, p, o)
+            return
+        site, device = batch["site"], batch["device"]
+        dkey = f"{site}/{device}"
+        source = batch["source"] or dkey
         for r, reason in bad:
-            self._dlq(
-                f"invalid: {reason}",
-                {"site": batch["site"], "device": batch["device"], "reading": r},
-                source,
-                p,
-                o,
-            )
-        if self.route_loops is not None and (batch["site"], batch["device"]) in self.route_loops.devices:
+            self._dlq(f"invalid: {reason}", {"site": site, "device": device, "reading": r}, source, p, o)
+        if self.route_loops is not None and (site, device) in self.route_loops.devices:
             self.route_loops.route_with(
                 self.stage.outbox.produce, batch, p, o
             )  # replays too: the loop state dedups
-        applied = self.engine.apply(p, o, batch)
+        self.seen[dkey] = self.now
+        applied = self.engine.apply(p, o, batch, self.wall_ms)
         if applied.skipped:
             counters.skipped += 1
             return
         counters.readings += applied.applied
+        counters.duplicates += applied.duplicates
         for r, window_end in applied.late:
             counters.late += 1
             self._dlq(
-                f"late: window ending {window_end} already closed (watermark {self.engine.watermark(p)})",
-                {"site": batch["site"], "device": batch["device"], "reading": r},
+                f"late: window ending {window_end} already closed for device {dkey} (its clock "
+                f"{applied.clock}, closed through {applied.watermark})",
+                {"site": site, "device": device, "reading": r},
                 source,
                 p,
                 o,
             )
-        self._close(p, o, self.engine.due(p))
+        for r in applied.future:
+            self._dlq(
+                f"future: ts {r['ts']} is more than {self.topo.aggregates.max_future} ms ahead of the wall "
+                f"clock ({self.wall_ms})",
+                {"site": site, "device": device, "reading": r},
+                source,
+                p,
+                o,
+            )
+        for r in applied.overflow:
+            self._dlq(
+                "invalid: value would overflow its window's sum or variance",
+                {"site": site, "device": device, "reading": r},
+                source,
+                p,
+                o,
+            )
+        self._close(p, o, self.engine.due(p, device=dkey))
 
     def tick(self, now: float) -> None:
-        stage = self.stage
-        for p in list(self.engine.parts):
-            seen = stage.last_data.get(p, now)
-            if now - seen < self.idle_s or not self.engine.open_windows(p) or stage.behind(p):
+        stage, engine = self.stage, self.engine
+        for p in list(engine.parts):
+            quiet = []
+            for dkey in engine.quiet_devices(p):  # least recently active first
+                seen = self.seen.setdefault(dkey, now)
+                if now - seen < self.idle_s:
+                    break
+                quiet.append((dkey, now - seen))
+            if not quiet or stage.behind(p):
                 continue
-            closes = self.engine.due(p, flush_all=True)
-            log.info(
-                "partition %d quiet for %.0f s: closing its %d open window(s)", p, now - seen, len(closes)
-            )
-            self._close(p, stage.position.get(p, 0) - 1, closes)
+            for dkey, idle in quiet:
+                if engine.has_open(dkey):
+                    closes = engine.due(p, flush_all=True, device=dkey)
+                    log.info(
+                        "device %s quiet for %.0f s: closing its %d open window(s)", dkey, idle, len(closes)
+                    )
+                    self._close(p, stage.position.get(p, 0) - 1, closes)
+                elif idle >= self.evict_s and engine.evict(p, dkey):
+                    self.seen.pop(dkey, None)

@@ -84,7 +84,7 @@ class SinkStep(Step):
                 continue
             try:
                 record = self.decode(value)
-            except (codec.JSONDecodeError, TypeError) as e:
+            except Exception as e:  # decoding is pure: whatever it raises is about the record
                 self._dead(f"invalid {WHAT[self.table]}: {e!r}", value, m.partition(), m.offset())
                 continue
             if record is not None:

@@ -1,19 +1,28 @@
 """Event-time 1-minute aggregation: pure logic, no Kafka (docs/semantics.md).
 
+**Clocks per device.** Each device (``site/device``) has its own event-time clock, the newest event time
+applied from it, and its own watermark, the clock minus the grace: a reading is late when its window ended
+at or before its device's watermark, and a device's windows close when its watermark passes their end.
+Devices sharing a partition do not affect each other: a backfill, a replay faster than real time or a clock
+running ahead moves only its own device. Readings stamped more than ``max_future`` ahead of the wall clock
+are returned as ``future`` and move no clock. A reading whose (series, ts) was already applied to its
+window is a duplicate (an MQTT redelivery, an OPC UA session restart) and changes nothing.
+
 The state lives in memory, in plain Python objects, and is made durable by **checkpoints**: the stage calls
 :meth:`MinuteAggregator.checkpoint` for a partition every few seconds, writes the records it returns to the
 partition's state topic (compacted), and only then acknowledges the input messages handled since the last
 checkpoint. Writing state per checkpoint instead of per message is what makes the worker fast: a series
 that gets ten readings a second is written once per checkpoint, not ten times.
 
-Records (keys and values are bytes; values are JSON):
+Records (keys and values are bytes; values are JSON), in this order within a checkpoint:
 
-* one record per **chunk**, ``site/device#k``: up to :data:`CHUNK_POINTS` series of one device, each with its
-  open windows, its unit and the newest event time published to ``telemetry.latest``, plus the last input
-  offset applied to the chunk. A device's series share records (one write per device, not per series), and a
-  device with thousands of points is split so no record grows without bound (docs/semantics.md);
-* one record per input partition, ``\x00wm/<partition>``: the event-time watermark, the highest event time
-  seen and the last input offset fully applied.
+* per **chunk**, ``site/device#k``: up to :data:`CHUNK_POINTS` series of one device, each with its open
+  windows, its unit and the newest event time published to ``telemetry.latest``, plus the last input offset
+  applied to the chunk *per input partition* (a device moves when ``telemetry.raw`` gains partitions);
+* per **device**, ``\x00dev/site/device``, after its chunks: the device's clock and watermark. It commits the
+  device's chunks: a checkpoint cut short leaves an older head, whose clock makes the replay judge every
+  reading exactly as the first run did;
+* per input partition, ``\x00wm/<partition>``, last: the last input offset fully applied.
 
 After a crash the state is the last checkpoint, and the input is read again from the last committed offset,
 which is never past that checkpoint (acks follow checkpoints). Replayed messages are skipped chunk by chunk by
@@ -22,14 +31,19 @@ their offsets, so a replay is idempotent even if the crash hit in the middle of 
 Processing one input message is three steps, split so the stage can make the closed aggregates durable
 in Kafka *before* the windows are deleted from the state:
 
-1. :meth:`apply` folds the message's readings into their windows (late ones are returned, not applied);
-2. :meth:`due` lists the windows the new watermark closes, with their final aggregates;
+1. :meth:`apply` folds the message's readings into their windows (late, future, duplicate and overflowing
+   readings are returned, not applied);
+2. :meth:`due` lists the windows the device's new watermark closes, with their final aggregates;
 3. :meth:`finish` deletes those windows and records the message's offset as fully applied.
+
+Devices whose windows are all closed and that stayed quiet leave the state (:meth:`evict`); their clock stays
+as a small head record, so that a reading for a window they already closed is still judged late.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,30 +54,44 @@ from pipeline.core.records import Aggregate, BatchReading, Reading, ReadingBatch
 
 WINDOW_MS = 60_000
 WM_PREFIX = "\x00wm/"
+DEV_PREFIX = "\x00dev/"
 CHUNK_POINTS = 256  # series per state record: bounds the record size for devices with thousands of points
 
-# Layout of one window's state list (a list: compact in memory and in the checkpoint records).
-COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST = range(12)
+# Layout of one window's state list (a list: compact in memory and in the checkpoint records). SEEN is a
+# bitmask of the whole seconds of the window already applied, SEEN_MS the other offsets (ms) or None.
+COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST, SEEN, SEEN_MS = range(14)
+_isfinite = math.isfinite
 
 
 def new_window() -> list[Any]:
-    return [0, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None]
+    return [0, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None, 0, None]
 
 
-def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
-    """Fold one reading into a window's state.
+def add_reading(st: list[Any], ts: int, value: float, good: bool) -> bool:
+    """Fold one reading into a window's state; False (state unchanged) when it would overflow the window's
+    sum or variance (readings near ±1.8e308), which the caller dead-letters.
 
     Mean and variance by Welford's method (Welford 1962; Knuth TAOCP vol. 2, 4.2.2), the sum with
     Neumaier's compensation so that long windows stay exact to the last bits, like pandas' Kahan sums.
     """
-    st[COUNT] += 1
     if not good:
-        return
+        st[COUNT] += 1
+        return True
     n = st[GOOD] + 1
-    st[GOOD] = n
     delta = value - st[MEAN]
-    st[MEAN] += delta / n
-    st[M2] += delta * (value - st[MEAN])
+    mean = st[MEAN] + delta / n
+    m2 = st[M2] + delta * (value - mean)
+    s = st[SUM]
+    t = s + value
+    comp = st[COMP] + ((s - t) + value if abs(s) >= abs(value) else (value - t) + s)
+    if not (_isfinite(m2) and _isfinite(t) and _isfinite(comp) and _isfinite(mean)):
+        return False
+    st[COUNT] += 1
+    st[GOOD] = n
+    st[MEAN] = mean
+    st[M2] = m2
+    st[SUM] = t
+    st[COMP] = comp
     if n == 1:
         st[MIN] = st[MAX] = value
     else:
@@ -71,13 +99,6 @@ def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
             st[MIN] = value
         if value > st[MAX]:
             st[MAX] = value
-    s = st[SUM]
-    t = s + value
-    if abs(s) >= abs(value):
-        st[COMP] += (s - t) + value
-    else:
-        st[COMP] += (value - t) + s
-    st[SUM] = t
     # first/last follow event time, not arrival order; on equal timestamps the earlier arrival is first
     # and the later arrival is last, as a stable sort by time would have it.
     if st[FIRST_TS] is None or ts < st[FIRST_TS]:
@@ -86,6 +107,25 @@ def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
     if st[LAST_TS] is None or ts >= st[LAST_TS]:
         st[LAST_TS] = ts
         st[LAST] = value
+    return True
+
+
+def seen_before(st: list[Any], off: int) -> bool:
+    """Whether the window already holds a reading at ``off`` ms from its start; records it if not."""
+    if off % 1000 == 0 and off < 64_000:
+        bit = 1 << (off // 1000)
+        if st[SEEN] & bit:
+            return True
+        st[SEEN] |= bit
+        return False
+    ms = st[SEEN_MS]
+    if ms is None:
+        st[SEEN_MS] = [off]
+        return False
+    if off in ms:
+        return True
+    ms.append(off)
+    return False
 
 
 def window_result(
@@ -110,6 +150,8 @@ def window_result(
         "last": st[LAST] if n else None,
         "stddev": math.sqrt(max(st[M2], 0.0) / (n - 1)) if n >= 2 else None,
     }
+    if agg["sum"] is not None and not _isfinite(agg["sum"]):
+        agg["sum"] = st[SUM]  # the compensation term can overflow where the sum itself did not
     if unit:
         agg["unit"] = unit
     return agg
@@ -132,21 +174,19 @@ class Series:
 class Chunk:
     """The unit of checkpointing and of replay idempotence: some series of one device."""
 
-    __slots__ = ("device", "index", "key", "offset", "partition", "series")
+    __slots__ = ("device", "index", "key", "offsets", "series")
 
-    def __init__(self, device: str, index: int, partition: int) -> None:
+    def __init__(self, device: str, index: int) -> None:
         self.device = device
         self.index = index
         self.key = f"{device}#{index}"
-        self.partition = partition
-        self.offset = -1  # last input offset applied to these series
+        self.offsets: dict[int, int] = {}  # input partition -> last offset applied to these series
         self.series: dict[str, Series] = {}  # point -> state
 
     def encode(self) -> bytes:
         return orjson.dumps(
             {
-                "p": self.partition,
-                "o": self.offset,
+                "o": {str(p): o for p, o in self.offsets.items()},
                 "s": [
                     [point, s.latest_ts, s.unit, [[ws, *st] for ws, st in s.windows.items()]]
                     for point, s in self.series.items()
@@ -155,14 +195,32 @@ class Chunk:
         )
 
 
+class Device:
+    """One device's clock, watermark, chunks and open windows."""
+
+    __slots__ = ("chunks", "key", "mx", "open", "partition", "points", "wm")
+
+    def __init__(self, key: str, partition: int) -> None:
+        self.key = key
+        self.partition = partition  # the input partition its messages come from (and its state goes to)
+        self.mx: int | None = None  # newest event time applied: the device's clock
+        self.wm: int | None = None  # windows ending at or before it are closed
+        self.chunks: list[Chunk] = []
+        self.points: dict[str, Series] = {}  # point -> state (the hot path's index)
+        self.open: dict[int, dict[str, Series]] = {}  # window_end -> series with an open window there
+
+    def head(self) -> bytes:
+        return orjson.dumps({"p": self.partition, "mx": self.mx, "wm": self.wm})
+
+
 @dataclass
 class PartitionState:
-    watermark: int | None = None  # windows ending at or before it are closed
-    max_ts: int | None = None
     offset: int = -1  # last input offset fully applied
-    # window_end -> series with an open window ending there
-    open: dict[int, dict[str, Series]] = field(default_factory=dict)
+    devices: OrderedDict[str, Device] = field(default_factory=OrderedDict)  # least recently active first
+    retired: dict[str, Device] = field(default_factory=dict)  # evicted: clock and watermark only
     dirty: set[Chunk] = field(default_factory=set)  # changed since the last checkpoint
+    heads: set[str] = field(default_factory=set)  # devices whose clock changed since the last checkpoint
+    gone: list[bytes] = field(default_factory=list)  # keys of evicted chunks: tombstones at the checkpoint
     changed: bool = False  # the partition record changed since the last checkpoint
     latest: set[Series] = field(default_factory=set)  # series with a newer reading not yet published
 
@@ -173,7 +231,12 @@ class Applied:
 
     skipped: bool = False  # the whole message had been applied before (replay)
     late: list[tuple[BatchReading, int]] = field(default_factory=list)  # reading, window_end it missed
+    future: list[BatchReading] = field(default_factory=list)  # stamped too far ahead of the wall clock
+    overflow: list[BatchReading] = field(default_factory=list)  # would overflow the window's sum/variance
+    duplicates: int = 0  # (series, ts) already applied
     applied: int = 0
+    clock: int | None = None  # the device's clock and watermark when the message was judged
+    watermark: int | None = None
 
 
 @dataclass
@@ -185,19 +248,24 @@ class Close:
 
 class MinuteAggregator:
     def __init__(
-        self, grace_ms: int = 10_000, window_ms: int = WINDOW_MS, chunk_points: int = CHUNK_POINTS
+        self,
+        grace_ms: int = 10_000,
+        window_ms: int = WINDOW_MS,
+        chunk_points: int = CHUNK_POINTS,
+        max_future_ms: int | None = None,
     ) -> None:
         if grace_ms < 0:
             raise ValueError("grace_ms must be >= 0")
         self.grace_ms = grace_ms
         self.window_ms = window_ms
         self.chunk_points = chunk_points
+        self.max_future_ms = max_future_ms
         self.parts: dict[int, PartitionState] = {}
+        self.devices: dict[str, Device] = {}  # site/device -> state
         self.series: dict[str, Series] = {}  # site/device/point -> state
-        self.points: dict[str, dict[str, Series]] = {}  # site/device -> point -> state (the hot path's index)
-        self.devices: dict[str, list[Chunk]] = {}  # site/device -> its chunks, in order
         self.late_count = 0
         self.closed_count = 0
+        self.duplicate_count = 0
 
     # -- state -------------------------------------------------------------------------------------
     def _part(self, partition: int) -> PartitionState:
@@ -206,29 +274,53 @@ class MinuteAggregator:
             ps = self.parts[partition] = PartitionState()
         return ps
 
-    def _new_series(self, device: str, point: str, partition: int) -> Series:
-        chunks = self.devices.setdefault(device, [])
+    def _new_series(self, dev: Device, point: str) -> Series:
+        chunks = dev.chunks
         if not chunks or len(chunks[-1].series) >= self.chunk_points:
-            chunks.append(Chunk(device, len(chunks), partition))
+            chunks.append(Chunk(dev.key, len(chunks)))
         chunk = chunks[-1]
-        s = Series(f"{device}/{point}", chunk)
+        s = Series(f"{dev.key}/{point}", chunk)
         chunk.series[point] = s
         self.series[s.name] = s
-        self.points.setdefault(device, {})[point] = s
+        dev.points[point] = s
         return s
+
+    def _device(self, ps: PartitionState, partition: int, key: str) -> Device:
+        dev = ps.devices.get(key)
+        if dev is not None:
+            ps.devices.move_to_end(key)
+            return dev
+        dev = ps.retired.pop(key, None) or self.devices.get(key)
+        if dev is None:
+            dev = self.devices[key] = Device(key, partition)
+        elif dev.partition != partition:
+            # telemetry.raw gained partitions and the device's key now lands here: its state follows it
+            # (its chunks keep the offsets applied per partition, so nothing is skipped or applied twice).
+            old = self.parts.get(dev.partition)
+            if old is not None:
+                old.devices.pop(key, None)
+                old.retired.pop(key, None)
+                old.heads.discard(key)
+                old.dirty -= set(dev.chunks)
+            dev.partition = partition
+            ps.dirty.update(dev.chunks)
+        ps.heads.add(key)
+        ps.devices[key] = dev
+        return dev
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget the state of partitions this worker no longer owns (after a rebalance)."""
-        gone = set(partitions)
-        for p in gone:
-            self.parts.pop(p, None)
-        for device, chunks in list(self.devices.items()):
-            if any(c.partition in gone for c in chunks):
-                for c in chunks:
+        for p in set(partitions):
+            ps = self.parts.pop(p, None)
+            if ps is None:
+                continue
+            for key in ps.retired:
+                self.devices.pop(key, None)
+            for dev in ps.devices.values():
+                self.devices.pop(dev.key, None)
+                for c in dev.chunks:
                     for s in c.series.values():
                         self.series.pop(s.name, None)
-                del self.devices[device]
-                self.points.pop(device, None)
 
     def restore(self, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
         """Load a partition's state from its checkpoint records (the last value of each key wins)."""
@@ -238,47 +330,78 @@ class MinuteAggregator:
             last[key] = value
         ps = self._part(partition)
         wm_key = f"{WM_PREFIX}{partition}".encode()
+        legacy: tuple[int | None, int | None] = (None, None)  # a partition clock written by older versions
+        heads: dict[str, dict[str, Any]] = {}
+        chunks: dict[str, list[Chunk]] = {}
         for key, value in last.items():
             if value is None:
                 continue
             rec = orjson.loads(value)
             if key == wm_key:
-                ps.watermark, ps.max_ts, ps.offset = rec["wm"], rec["mx"], rec["o"]
+                ps.offset = rec["o"]
+                legacy = (rec.get("mx"), rec.get("wm"))
                 continue
             if key.startswith(WM_PREFIX.encode()):
                 continue
+            if key.startswith(DEV_PREFIX.encode()):
+                heads[key.decode()[len(DEV_PREFIX) :]] = rec
+                continue
             device, index = key.decode().rsplit("#", 1)
-            chunk = Chunk(device, int(index), partition)
-            chunk.offset = rec["o"]
+            chunk = Chunk(device, int(index))
+            o = rec["o"]
+            # Older versions kept one offset, of the partition named by "p".
+            chunk.offsets = {int(p): v for p, v in o.items()} if isinstance(o, dict) else {rec["p"]: o}
             for point, latest_ts, unit, windows in rec["s"]:
                 s = Series(f"{device}/{point}", chunk)
                 s.latest_ts, s.unit = latest_ts, unit
                 for w in windows:
-                    ws = w[0]
-                    s.windows[ws] = w[1:]
-                    ps.open.setdefault(ws + self.window_ms, {})[s.name] = s
+                    st = w[1:]
+                    if len(st) < SEEN_MS + 1:
+                        st.extend(new_window()[len(st) :])  # written before duplicates were tracked
+                    s.windows[w[0]] = st
                 chunk.series[point] = s
-                self.series[s.name] = s
-                self.points.setdefault(device, {})[point] = s
-            chunks = self.devices.setdefault(device, [])
-            chunks.append(chunk)
-        for chunks in self.devices.values():
-            chunks.sort(key=lambda c: c.index)
+            chunks.setdefault(device, []).append(chunk)
+        for dkey in sorted(set(heads) | set(chunks)):
+            dev = Device(dkey, partition)
+            head = heads.get(dkey)
+            dev.mx, dev.wm = (head["mx"], head["wm"]) if head is not None else legacy
+            dev.chunks = sorted(chunks.get(dkey, []), key=lambda c: c.index)
+            for c in dev.chunks:
+                for point, s in c.series.items():
+                    dev.points[point] = s
+                    self.series[s.name] = s
+                    for ws in s.windows:
+                        dev.open.setdefault(ws + self.window_ms, {})[s.name] = s
+            self.devices[dkey] = dev
+            if dev.chunks:
+                ps.devices[dkey] = dev
+            else:
+                ps.retired[dkey] = dev
 
-    def checkpoint(self, partition: int) -> list[tuple[bytes, bytes]]:
+    def checkpoint(self, partition: int) -> list[tuple[bytes, bytes | None]]:
         """The records that make the partition's state since the last checkpoint durable."""
         ps = self.parts.get(partition)
-        if ps is None or (not ps.dirty and not ps.changed):
+        if ps is None or (not ps.dirty and not ps.heads and not ps.changed and not ps.gone):
             return []
-        # In chunk order, and the partition record last: records of one partition arrive in the order they
-        # were sent, so if a crash cuts a checkpoint short, a device's later chunk is never newer than an
-        # earlier one (new series go to a device's last chunk; see _new_series).
-        dirty = sorted((c for c in ps.dirty if c.partition == partition), key=lambda c: (c.device, c.index))
-        out = [(c.key.encode(), c.encode()) for c in dirty]
+        # Per device its chunks in order, then its head; the partition record last. Records of one partition
+        # arrive in the order they were sent, so a checkpoint cut short never leaves a device's head newer
+        # than its chunks, nor a later chunk newer than an earlier one (new series go to the last chunk).
+        out: list[tuple[bytes, bytes | None]] = [(k, None) for k in ps.gone]
+        by_device: dict[str, list[Chunk]] = {}
+        for c in ps.dirty:
+            by_device.setdefault(c.device, []).append(c)
+        for key in sorted(set(by_device) | ps.heads):
+            dev = ps.devices.get(key) or ps.retired.get(key)
+            if dev is None:
+                continue
+            for c in sorted(by_device.get(key, []), key=lambda c: c.index):
+                out.append((c.key.encode(), c.encode()))
+            out.append(((DEV_PREFIX + key).encode(), dev.head()))
         ps.dirty.clear()
+        ps.heads.clear()
+        ps.gone = []
         ps.changed = False
-        wm = {"wm": ps.watermark, "mx": ps.max_ts, "o": ps.offset}
-        out.append((f"{WM_PREFIX}{partition}".encode(), orjson.dumps(wm)))
+        out.append((f"{WM_PREFIX}{partition}".encode(), orjson.dumps({"o": ps.offset})))
         return out
 
     def take_latest(self, partition: int) -> list[Reading]:
@@ -309,45 +432,65 @@ class MinuteAggregator:
         ps.latest = set()
         return out
 
-    def watermark(self, partition: int) -> int | None:
-        ps = self.parts.get(partition)
-        return None if ps is None else ps.watermark
+    def watermark(self, device: str) -> int | None:
+        """The device's watermark (``site/device``): windows ending at or before it are closed."""
+        dev = self.devices.get(device)
+        return None if dev is None else dev.wm
 
     def open_windows(self, partition: int | None = None) -> int:
         parts = self.parts.values() if partition is None else [self._part(partition)]
-        return sum(len(s) for ps in parts for s in ps.open.values())
+        return sum(len(m) for ps in parts for dev in ps.devices.values() for m in dev.open.values())
+
+    def quiet_devices(self, partition: int) -> list[str]:
+        """The partition's devices, least recently active first."""
+        ps = self.parts.get(partition)
+        return [] if ps is None else list(ps.devices)
+
+    def has_open(self, device: str) -> bool:
+        dev = self.devices.get(device)
+        return dev is not None and bool(dev.open)
 
     # -- step 1 ------------------------------------------------------------------------------------
-    def apply(self, partition: int, offset: int, batch: ReadingBatch) -> Applied:
+    def apply(self, partition: int, offset: int, batch: ReadingBatch, wall_ms: int | None = None) -> Applied:
         ps = self._part(partition)
         out = Applied()
         if offset <= ps.offset:
             out.skipped = True
             return out
-        wm = ps.watermark
-        site, device = batch["site"], batch["device"]
-        dkey = f"{site}/{device}"
+        dev = self._device(ps, partition, f"{batch['site']}/{batch['device']}")
+        wm = dev.wm
+        out.clock, out.watermark = dev.mx, wm
+        future = None if wall_ms is None or self.max_future_ms is None else wall_ms + self.max_future_ms
         window_ms = self.window_ms
-        points = self.points.get(dkey) or {}
-        open_index = ps.open
+        points = dev.points
+        open_index = dev.open
         latest = ps.latest
         touched: set[Chunk] = set()
         last_chunk: Chunk | None = None
-        max_ts = ps.max_ts
-        applied = 0
+        skip = False
+        mx = dev.mx
+        applied = duplicates = 0
         for r in batch["readings"]:
+            ts = r["ts"]
+            if future is not None and ts > future:
+                out.future.append(r)  # moves no clock
+                continue
             point = r["point"]
             s = points.get(point)
             if s is None:
-                s = self._new_series(dkey, point, partition)
-                points = self.points[dkey]
+                s = self._new_series(dev, point)
             chunk = s.chunk
             if chunk is not last_chunk:
-                if chunk.offset >= offset:
-                    continue  # this chunk was applied before a crash; the rest of the message was not
-                touched.add(chunk)
+                # Applied before a crash (the rest of the message was not): skip, but let it move the clock
+                # as it did then, so the other chunks' readings are judged as they were the first time.
+                skip = chunk.offsets.get(partition, -1) >= offset
+                if not skip:
+                    touched.add(chunk)
                 last_chunk = chunk
-            ts = r["ts"]
+            if mx is None or ts > mx:
+                mx = ts
+            if skip:
+                continue
             ws = ts - ts % window_ms
             if wm is not None and ws + window_ms <= wm:
                 out.late.append((r, ws + window_ms))
@@ -360,10 +503,13 @@ class MinuteAggregator:
                 if members is None:
                     members = open_index[we] = {}
                 members[s.name] = s
-            add_reading(st, ts, r["value"], r["quality"] == "good")
+            if seen_before(st, ts - ws):
+                duplicates += 1
+                continue
+            if not add_reading(st, ts, r["value"], r["quality"] == "good"):
+                out.overflow.append(r)
+                continue
             applied += 1
-            if max_ts is None or ts > max_ts:
-                max_ts = ts
             if "unit" in r:
                 s.unit = r["unit"]
             if s.latest_ts is None or ts >= s.latest_ts:
@@ -371,34 +517,47 @@ class MinuteAggregator:
                 s.latest = r
                 latest.add(s)
         for chunk in touched:
-            chunk.offset = offset
-            chunk.partition = partition
+            chunk.offsets[partition] = offset
         ps.dirty.update(touched)
-        if max_ts != ps.max_ts:
-            ps.max_ts = max_ts
-            ps.changed = True
+        if mx != dev.mx:
+            dev.mx = mx
+            ps.heads.add(dev.key)
         out.applied = applied
+        out.duplicates = duplicates
+        self.duplicate_count += duplicates
         self.late_count += len(out.late)
         return out
 
     # -- step 2 ------------------------------------------------------------------------------------
-    def due(self, partition: int, flush_all: bool = False) -> list[Close]:
-        """Windows the partition's watermark closes (all open ones when ``flush_all``)."""
+    def due(self, partition: int, flush_all: bool = False, device: str | None = None) -> list[Close]:
+        """Windows that the watermarks close, of one device or of every device of the partition (all open
+        windows when ``flush_all``)."""
         ps = self._part(partition)
-        if ps.max_ts is not None:
-            cand = ps.max_ts - self.grace_ms
-            if ps.watermark is None or cand > ps.watermark:
-                ps.watermark = cand
-                ps.changed = True
+        if device is not None:
+            dev = ps.devices.get(device)
+            devices = [] if dev is None else [dev]
+        else:
+            devices = sorted(ps.devices.values(), key=lambda d: d.key)
         closes: list[Close] = []
-        if not ps.open:
-            return closes
-        wm = ps.watermark
-        ends = sorted(ps.open) if flush_all else sorted(e for e in ps.open if wm is not None and e <= wm)
+        for dev in devices:
+            self._due(ps, dev, flush_all, closes)
+        return closes
+
+    def _due(self, ps: PartitionState, dev: Device, flush_all: bool, closes: list[Close]) -> None:
+        if dev.mx is not None:
+            cand = dev.mx - self.grace_ms
+            if dev.wm is None or cand > dev.wm:
+                dev.wm = cand
+                ps.heads.add(dev.key)
+        if not dev.open:
+            return
+        wm = dev.wm
+        ends = sorted(dev.open) if flush_all else sorted(e for e in dev.open if wm is not None and e <= wm)
         for we in ends:
             ws = we - self.window_ms
-            for name in sorted(ps.open[we]):
-                s = ps.open[we][name]
+            members = dev.open[we]
+            for name in sorted(members):
+                s = members[name]
                 st = s.windows.get(ws)
                 if st is not None:
                     closes.append(Close(name, ws, window_result(name, ws, st, s.unit, self.window_ms)))
@@ -407,9 +566,8 @@ class MinuteAggregator:
             # to their end so that a reading for them arriving later is judged late, like any other.
             last_end = ends[-1]
             if wm is None or last_end > wm:
-                ps.watermark = last_end
-                ps.changed = True
-        return closes
+                dev.wm = last_end
+                ps.heads.add(dev.key)
 
     # -- step 3 ------------------------------------------------------------------------------------
     def finish(self, partition: int, offset: int, closes: list[Close]) -> None:
@@ -419,13 +577,40 @@ class MinuteAggregator:
             if s is None or s.windows.pop(c.window_start, None) is None:
                 continue
             ps.dirty.add(s.chunk)
+            dev = self.devices.get(s.chunk.device)
+            if dev is None:
+                continue
             we = c.window_start + self.window_ms
-            members = ps.open.get(we)
+            members = dev.open.get(we)
             if members is not None:
                 members.pop(c.series, None)
                 if not members:
-                    del ps.open[we]
+                    del dev.open[we]
         self.closed_count += len(closes)
         if offset > ps.offset:
             ps.offset = offset
             ps.changed = True
+
+    # -- bounded state -----------------------------------------------------------------------------
+    def evict(self, partition: int, device: str) -> bool:
+        """Drop a device's series (its windows all closed): its chunk records become tombstones and only
+        its head (clock and watermark) stays, in memory and in the state topic.
+
+        False if it still has open windows.
+        """
+        ps = self.parts.get(partition)
+        dev = None if ps is None else ps.devices.get(device)
+        if ps is None or dev is None or dev.open or not dev.chunks:
+            return False
+        for c in dev.chunks:
+            ps.dirty.discard(c)
+            ps.gone.append(c.key.encode())
+            for s in c.series.values():
+                self.series.pop(s.name, None)
+                ps.latest.discard(s)
+        dev.chunks = []
+        dev.points = {}
+        del ps.devices[device]
+        ps.retired[device] = dev
+        ps.heads.add(device)
+        return True

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.stages.windows import WM_PREFIX, MinuteAggregator
+from pipeline.stages.windows import DEV_PREFIX, WM_PREFIX, MinuteAggregator
 from tests.reference import compare, expected_aggregates
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -97,8 +97,10 @@ def test_replayed_message_is_skipped():
     agg.finish(0, 0, agg.due(0))
     assert agg.apply(0, 0, m).skipped
     records = agg.checkpoint(0)
-    assert dict(records)[(WM_PREFIX + "0").encode()] == b'{"wm":-999,"mx":1767225601000,"o":0}'.replace(
-        b"-999", str(T0 + 1_000).encode()
+    assert dict(records)[(WM_PREFIX + "0").encode()] == b'{"o":0}'
+    assert dict(records)[(DEV_PREFIX + "s1/d").encode()] == b'{"p":0,"mx":%d,"wm":%d}' % (
+        T0 + 1_000,
+        T0 + 1_000,
     )
     # A new aggregator on the checkpoint (a restart) skips it too.
     assert restored(records, 0).apply(0, 0, m).skipped
@@ -109,9 +111,10 @@ def test_checkpoint_holds_only_what_changed():
     agg = MinuteAggregator(grace_ms=60_000, chunk_points=2)
     agg.apply(0, 0, batch("d", [("a", T0, 1.0, "good"), ("b", T0, 1.0, "good"), ("c", T0, 1.0, "good")]))
     keys = [k for k, _ in agg.checkpoint(0)]
-    assert keys == [b"s1/d#0", b"s1/d#1", (WM_PREFIX + "0").encode()]  # chunks of 2 series, in order
+    head, part = (DEV_PREFIX + "s1/d").encode(), (WM_PREFIX + "0").encode()
+    assert keys == [b"s1/d#0", b"s1/d#1", head, part]  # chunks of 2 series in order, the device's head
     agg.apply(0, 1, batch("d", [("c", T0 + 1, 2.0, "good")]))
-    assert [k for k, _ in agg.checkpoint(0)] == [b"s1/d#1", (WM_PREFIX + "0").encode()]
+    assert [k for k, _ in agg.checkpoint(0)] == [b"s1/d#1", head, part]
 
 
 def run_with_crash(msgs, grace, every, crash_at, cut):
@@ -171,7 +174,7 @@ def test_idle_flush_closes_everything_and_later_data_is_late():
     closes = agg.due(0, flush_all=True)
     agg.finish(0, 1, closes)
     assert len(closes) == 1
-    assert agg.watermark(0) == T0 + 60_000
+    assert agg.watermark("s1/d") == T0 + 60_000
     assert len(agg.apply(0, 2, batch("d", [("p", T0 + 6_000, 1.0, "good")])).late) == 1
 
 

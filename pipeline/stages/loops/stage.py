@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.core import codec
-from pipeline.core.kafka import ensure_compacted_topic, read_all
+from pipeline.core.kafka import read_all
 from pipeline.core.records import ReadingBatch
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.loops.config import Loop
@@ -74,10 +74,7 @@ class LoopStep(Step):
         self.store = PartitionedStore()
         self.engine = LoopEngine(self.store, self.defs)
         self.samples_topic = topo.loop_samples_topic
-        self.state_topic = f"{app_id}-loop-state"
-        ensure_compacted_topic(
-            topo.broker.bootstrap, self.state_topic, topo.broker.partitions, topo.broker.replication
-        )
+        self.state_topic = f"{app_id}-loop-state"  # the worker creates it
         self.last_data: dict[str, float] = {}
         self.described: set[str] = set()
 
