@@ -8,6 +8,7 @@ is a plain indexed query and a new KPI needs no schema change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,24 +20,49 @@ def ms_to_dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000.0, UTC)
 
 
+def _str(x: Any) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"expected a string, got {type(x).__name__}")
+    return x
+
+
+def _int(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"expected an integer, got {type(x).__name__}")
+    return x
+
+
+def _num(x: Any) -> float | None:
+    """A finite number or null: what a double precision column takes (the driver must never see more)."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise TypeError(f"expected a number or null, got {type(x).__name__}")
+    v = float(x)
+    if not math.isfinite(v):
+        raise ValueError(f"expected a finite number, got {x!r}")
+    return v
+
+
 def aggregate_row(a: dict[str, Any]) -> tuple[Any, ...]:
+    unit = a.get("unit")
     return (
-        ms_to_dt(a["window_start"]),
-        a["series"],
-        a["site"],
-        a["device"],
-        a["point"],
-        a["count"],
-        a["good_count"],
-        a["min"],
-        a["max"],
-        a["mean"],
-        a["sum"],
-        a["first"],
-        a["last"],
-        a["stddev"],
-        a.get("unit"),
-        ms_to_dt(a["window_end"]),
+        ms_to_dt(_int(a["window_start"])),
+        _str(a["series"]),
+        _str(a["site"]),
+        _str(a["device"]),
+        _str(a["point"]),
+        _int(a["count"]),
+        _int(a["good_count"]),
+        _num(a["min"]),
+        _num(a["max"]),
+        _num(a["mean"]),
+        _num(a["sum"]),
+        _num(a["first"]),
+        _num(a["last"]),
+        _num(a["stddev"]),
+        None if unit is None else _str(unit),
+        ms_to_dt(_int(a["window_end"])),
     )
 
 
@@ -62,8 +88,8 @@ def reading_rows(batch: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 def kpi_rows(rec: dict[str, Any]) -> list[tuple[Any, ...]]:
     """The rows of one LoopKpi record."""
-    ws, we = ms_to_dt(int(rec["window_start"])), ms_to_dt(int(rec["window_end"]))
-    loop, samples, closed_by = str(rec["loop"]), int(rec["samples"]), str(rec["closed_by"])
+    ws, we = ms_to_dt(_int(rec["window_start"])), ms_to_dt(_int(rec["window_end"]))
+    loop, samples, closed_by = _str(rec["loop"]), _int(rec["samples"]), _str(rec["closed_by"])
     rows = []
     for name, r in rec["kpis"].items():
         value = r["value"]
@@ -71,12 +97,12 @@ def kpi_rows(rec: dict[str, Any]) -> list[tuple[Any, ...]]:
             (
                 ws,
                 loop,
-                str(name),
-                None if value is None else float(value),
-                str(r["status"]),
-                None if r.get("coverage") is None else float(r["coverage"]),
-                None if r.get("horizon_s") is None else float(r["horizon_s"]),
-                r.get("reason"),
+                _str(name),
+                _num(value),
+                _str(r["status"]),
+                _num(r.get("coverage")),
+                _num(r.get("horizon_s")),
+                None if r.get("reason") is None else _str(r["reason"]),
                 codec.dumps(r.get("extras") or {}).decode(),
                 we,
                 samples,
@@ -89,16 +115,16 @@ def kpi_rows(rec: dict[str, Any]) -> list[tuple[Any, ...]]:
 def command_row(result: dict[str, Any]) -> tuple[Any, ...]:
     """A CommandResult as a write_commands row."""
     return (
-        str(result["id"]),
-        str(result["point"]),
-        None if result["value"] is None else float(result["value"]),
-        int(result["priority"]),
-        str(result["requested_by"]),
-        ms_to_dt(int(result["requested_at"])),
-        str(result["status"]),
-        result.get("error"),
-        ms_to_dt(int(result["completed_at"])),
-        result.get("source"),
+        _str(result["id"]),
+        _str(result["point"]),
+        _num(result["value"]),
+        _int(result["priority"]),
+        _str(result["requested_by"]),
+        ms_to_dt(_int(result["requested_at"])),
+        _str(result["status"]),
+        None if result.get("error") is None else _str(result["error"]),
+        ms_to_dt(_int(result["completed_at"])),
+        None if result.get("source") is None else _str(result["source"]),
     )
 
 

@@ -24,6 +24,22 @@ DAY_MS = 86_400_000
 RETENTION_EVERY_S = 3600.0
 
 
+def to_records(table: str, entries: Sequence[Entry]) -> tuple[list[Record], list[Refused]]:
+    """The rows of ``entries`` for ``table``, and the entries that are not what the table holds."""
+    to_rows, kind = ROWS[table]
+    records: list[Record] = []
+    refused: list[Refused] = []
+    expand = table == "readings"  # one entry, many rows: a refused row is its own dead letter
+    for e in entries:
+        try:
+            rows = to_rows(e.record)
+        except Exception as exc:  # the mapping is pure: whatever it raises is about the record
+            refused.append(Refused(e.partition, e.offset, e.source, f"invalid {kind}: {exc!r}"))
+            continue
+        records.extend(Record(e.partition, e.offset, row, None if expand else e.source) for row in rows)
+    return records, refused
+
+
 class PostgresSinkWriter:
     tables = frozenset(ROWS)
 
@@ -57,17 +73,7 @@ class PostgresSinkWriter:
                 self.writer.forget_partitions(table)
 
     async def write(self, table: str, topic: str, entries: Sequence[Entry]) -> WriteResult:
-        to_rows, kind = ROWS[table]
-        records: list[Record] = []
-        refused: list[Refused] = []
-        expand = table == "readings"  # one entry, many rows: a refused row is its own dead letter
-        for e in entries:
-            try:
-                rows = to_rows(e.record)
-            except Exception as exc:  # the mapping is pure: whatever it raises is about the record
-                refused.append(Refused(e.partition, e.offset, e.source, f"invalid {kind}: {exc!r}"))
-                continue
-            records.extend(Record(e.partition, e.offset, row, None if expand else e.source) for row in rows)
+        records, refused = to_records(table, entries)
         out = WriteResult(refused=refused)
         if records:
             result = await self.writer.write(table, topic, records)
