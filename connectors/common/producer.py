@@ -14,7 +14,7 @@ from confluent_kafka import KafkaError, Message
 
 from pipeline.core import codec
 from pipeline.core.kafka import Outbox
-from pipeline.core.records import ReadingBatch
+from pipeline.core.records import ReadingBatch, now_ms
 
 log = logging.getLogger("plantstream.producer")
 
@@ -49,8 +49,11 @@ class TelemetryProducer:
 
     def send_batch(self, batch: ReadingBatch, on_delivery: Delivered) -> None:
         key = f"{batch['site']}/{batch['device']}"
-        # The record timestamp is the event time: the batch's newest reading.
+        # The record timestamp is the event time: the batch's newest reading, but never ahead of the wall
+        # clock (the broker refuses records stamped far in the future; the worker judges such readings).
         ts = max((r["ts"] for r in batch["readings"]), default=None)
+        if ts is not None:
+            ts = min(ts, now_ms())
         n = len(batch["readings"])
 
         def cb(err: KafkaError | None, _msg: Message) -> None:

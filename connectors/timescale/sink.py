@@ -65,9 +65,7 @@ class PostgresSinkWriter:
 
     def _retain(self, tables: tuple[str, ...], say: Callable[[str], None] = log.info) -> None:
         assert self.retention
-        for table, dropped in enforce_retention(
-            self.dsn, self.schema, tables, self.retention
-        ).items():
+        for table, dropped in enforce_retention(self.dsn, self.schema, tables, self.retention).items():
             if dropped:
                 say(f"sink {self.sink_id}: retention dropped {len(dropped)} partition(s) of {table}")
                 self.writer.forget_partitions(table)

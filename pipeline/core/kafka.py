@@ -166,7 +166,7 @@ def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) 
     """Every message of one partition, from the oldest kept to the newest (e.g. a compacted state topic)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "plantstream-range-reader"})
     try:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=max(timeout, 10))
     finally:
         consumer.close()
     if high <= low:

@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.core import codec
-from pipeline.core.kafka import read_all
+from pipeline.core.kafka import ensure_compacted_topic, read_all
 from pipeline.core.records import InvalidRecord, validate_batch
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.runtime import Step
@@ -45,6 +45,7 @@ class Aggregation(Step):
         self.counters = counters
         self.route_loops = route_loops  # LoopRouting or None
         self.state_topic = f"{app_id}-aggregate-state"  # the worker creates it
+        self.state_partitions = topo.broker.partitions
         self.engine = MinuteAggregator(
             grace_ms=topo.aggregates.grace, max_future_ms=topo.aggregates.max_future
         )
@@ -56,6 +57,11 @@ class Aggregation(Step):
 
     # -- state -----------------------------------------------------------------------------------------
     def assigned(self, partitions: list[int]) -> None:
+        if partitions and max(partitions) >= self.state_partitions:
+            # telemetry.raw gained partitions: the state topic follows, one partition per input partition.
+            b = self.topo.broker
+            ensure_compacted_topic(b.bootstrap, self.state_topic, max(partitions) + 1, b.replication)
+            self.state_partitions = max(partitions) + 1
         for p in partitions:
             records = read_all(self.topo.broker.bootstrap, self.state_topic, p)
             self.engine.restore(p, ((m.key or b"", m.value) for m in records))
@@ -150,9 +156,9 @@ class Aggregation(Step):
         for r, reason in bad:
             self._dlq(f"invalid: {reason}", {"site": site, "device": device, "reading": r}, source, p, o)
         if self.route_loops is not None and (site, device) in self.route_loops.devices:
-            self.route_loops.route_with(
-                self.stage.outbox.produce, batch, p, o
-            )  # replays too: the loop state dedups
+            until = self.wall_ms + self.topo.aggregates.max_future
+            # Replays too: the loop state drops what it has seen.
+            self.route_loops.route_with(self.stage.outbox.produce, batch, p, o, until)
         self.seen[dkey] = self.now
         applied = self.engine.apply(p, o, batch, self.wall_ms)
         if applied.skipped:
@@ -174,14 +180,6 @@ class Aggregation(Step):
             self._dlq(
                 f"future: ts {r['ts']} is more than {self.topo.aggregates.max_future} ms ahead of the wall "
                 f"clock ({self.wall_ms})",
-                {"site": site, "device": device, "reading": r},
-                source,
-                p,
-                o,
-            )
-        for r in applied.overflow:
-            self._dlq(
-                "invalid: value would overflow its window's sum or variance",
                 {"site": site, "device": device, "reading": r},
                 source,
                 p,

@@ -95,6 +95,8 @@ class Stage(threading.Thread):
             "auto.offset.reset": "earliest",
             # Prefetched input is bounded (librdkafka's default, 64 MiB, is per partition): memory.
             "queued.max.messages.kbytes": 16 * 1024,
+            # Partitions added to the input topic are noticed (and assigned) within seconds, not 5 minutes.
+            "topic.metadata.refresh.interval.ms": 10_000,
         }
         conf.update(consumer_conf or {})
         self.consumer = Consumer(conf)

@@ -31,8 +31,8 @@ their offsets, so a replay is idempotent even if the crash hit in the middle of 
 Processing one input message is three steps, split so the stage can make the closed aggregates durable
 in Kafka *before* the windows are deleted from the state:
 
-1. :meth:`apply` folds the message's readings into their windows (late, future, duplicate and overflowing
-   readings are returned, not applied);
+1. :meth:`apply` folds the message's readings into their windows (late and future readings are returned,
+   duplicates counted, neither applied);
 2. :meth:`due` lists the windows the device's new watermark closes, with their final aggregates;
 3. :meth:`finish` deletes those windows and records the message's offset as fully applied.
 
@@ -58,40 +58,43 @@ DEV_PREFIX = "\x00dev/"
 CHUNK_POINTS = 256  # series per state record: bounds the record size for devices with thousands of points
 
 # Layout of one window's state list (a list: compact in memory and in the checkpoint records). SEEN is a
-# bitmask of the whole seconds of the window already applied, SEEN_MS the other offsets (ms) or None.
-COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST, SEEN, SEEN_MS = range(14)
+# bitmask of the whole seconds of the window already applied, SEEN_MS the other offsets (ms) or None; OVF
+# flags the statistics that left the range of a double (readings near ±1.8e308): they are reported null.
+COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST, SEEN, SEEN_MS, OVF = range(15)
+OVF_MEAN, OVF_M2, OVF_SUM = 1, 2, 4
 _isfinite = math.isfinite
 
 
 def new_window() -> list[Any]:
-    return [0, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None, 0, None]
+    return [0, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None, 0, None, 0]
 
 
-def add_reading(st: list[Any], ts: int, value: float, good: bool) -> bool:
-    """Fold one reading into a window's state; False (state unchanged) when it would overflow the window's
-    sum or variance (readings near ±1.8e308), which the caller dead-letters.
+def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
+    """Fold one reading into a window's state.
 
     Mean and variance by Welford's method (Welford 1962; Knuth TAOCP vol. 2, 4.2.2), the sum with
     Neumaier's compensation so that long windows stay exact to the last bits, like pandas' Kahan sums.
+    A statistic that would leave the range of a double keeps its last finite value and is flagged (reported
+    null), so the state and the checkpoints stay finite, valid JSON.
     """
+    st[COUNT] += 1
     if not good:
-        st[COUNT] += 1
-        return True
+        return
     n = st[GOOD] + 1
+    st[GOOD] = n
     delta = value - st[MEAN]
     mean = st[MEAN] + delta / n
     m2 = st[M2] + delta * (value - mean)
     s = st[SUM]
     t = s + value
     comp = st[COMP] + ((s - t) + value if abs(s) >= abs(value) else (value - t) + s)
-    if not (_isfinite(m2) and _isfinite(t) and _isfinite(comp) and _isfinite(mean)):
-        return False
-    st[COUNT] += 1
-    st[GOOD] = n
-    st[MEAN] = mean
-    st[M2] = m2
-    st[SUM] = t
-    st[COMP] = comp
+    if st[OVF] or not (_isfinite(m2) and _isfinite(t) and _isfinite(comp) and _isfinite(mean)):
+        _add_overflowing(st, mean, m2, t, comp)
+    else:
+        st[MEAN] = mean
+        st[M2] = m2
+        st[SUM] = t
+        st[COMP] = comp
     if n == 1:
         st[MIN] = st[MAX] = value
     else:
@@ -107,7 +110,24 @@ def add_reading(st: list[Any], ts: int, value: float, good: bool) -> bool:
     if st[LAST_TS] is None or ts >= st[LAST_TS]:
         st[LAST_TS] = ts
         st[LAST] = value
-    return True
+
+
+def _add_overflowing(st: list[Any], mean: float, m2: float, t: float, comp: float) -> None:
+    ovf = st[OVF]
+    if ovf & OVF_MEAN or not _isfinite(mean):
+        ovf |= OVF_MEAN | OVF_M2  # the variance needs the mean
+    else:
+        st[MEAN] = mean
+    if ovf & OVF_M2 or not _isfinite(m2):
+        ovf |= OVF_M2
+    else:
+        st[M2] = m2
+    if ovf & OVF_SUM or not (_isfinite(t) and _isfinite(comp)):
+        ovf |= OVF_SUM
+    else:
+        st[SUM] = t
+        st[COMP] = comp
+    st[OVF] = ovf
 
 
 def seen_before(st: list[Any], off: int) -> bool:
@@ -133,6 +153,7 @@ def window_result(
 ) -> Aggregate:
     site, device, point = series.split("/", 2)
     n = st[GOOD]
+    ovf = st[OVF]
     agg: Aggregate = {
         "series": series,
         "site": site,
@@ -144,11 +165,11 @@ def window_result(
         "good_count": n,
         "min": st[MIN] if n else None,
         "max": st[MAX] if n else None,
-        "mean": st[MEAN] if n else None,
-        "sum": st[SUM] + st[COMP] if n else None,
+        "mean": st[MEAN] if n and not ovf & OVF_MEAN else None,
+        "sum": st[SUM] + st[COMP] if n and not ovf & OVF_SUM else None,
         "first": st[FIRST] if n else None,
         "last": st[LAST] if n else None,
-        "stddev": math.sqrt(max(st[M2], 0.0) / (n - 1)) if n >= 2 else None,
+        "stddev": math.sqrt(max(st[M2], 0.0) / (n - 1)) if n >= 2 and not ovf & OVF_M2 else None,
     }
     if agg["sum"] is not None and not _isfinite(agg["sum"]):
         agg["sum"] = st[SUM]  # the compensation term can overflow where the sum itself did not
@@ -198,7 +219,7 @@ class Chunk:
 class Device:
     """One device's clock, watermark, chunks and open windows."""
 
-    __slots__ = ("chunks", "key", "mx", "open", "partition", "points", "wm")
+    __slots__ = ("chunks", "key", "mx", "open", "partition", "points", "seq", "wm")
 
     def __init__(self, key: str, partition: int) -> None:
         self.key = key
@@ -208,9 +229,11 @@ class Device:
         self.chunks: list[Chunk] = []
         self.points: dict[str, Series] = {}  # point -> state (the hot path's index)
         self.open: dict[int, dict[str, Series]] = {}  # window_end -> series with an open window there
+        self.seq = 0  # counts the device's checkpoints: the newest state wins when a device moved
 
     def head(self) -> bytes:
-        return orjson.dumps({"p": self.partition, "mx": self.mx, "wm": self.wm})
+        self.seq += 1
+        return orjson.dumps({"p": self.partition, "mx": self.mx, "wm": self.wm, "q": self.seq})
 
 
 @dataclass
@@ -232,7 +255,6 @@ class Applied:
     skipped: bool = False  # the whole message had been applied before (replay)
     late: list[tuple[BatchReading, int]] = field(default_factory=list)  # reading, window_end it missed
     future: list[BatchReading] = field(default_factory=list)  # stamped too far ahead of the wall clock
-    overflow: list[BatchReading] = field(default_factory=list)  # would overflow the window's sum/variance
     duplicates: int = 0  # (series, ts) already applied
     applied: int = 0
     clock: int | None = None  # the device's clock and watermark when the message was judged
@@ -302,11 +324,26 @@ class MinuteAggregator:
                 old.retired.pop(key, None)
                 old.heads.discard(key)
                 old.dirty -= set(dev.chunks)
+                # Its records leave the old partition's state (the newer copy, by seq, wins meanwhile).
+                old.gone.extend(c.key.encode() for c in dev.chunks)
+                old.gone.append((DEV_PREFIX + key).encode())
             dev.partition = partition
             ps.dirty.update(dev.chunks)
         ps.heads.add(key)
         ps.devices[key] = dev
         return dev
+
+    def _forget_device(self, dev: Device) -> None:
+        ps = self.parts.get(dev.partition)
+        if ps is not None:
+            ps.devices.pop(dev.key, None)
+            ps.retired.pop(dev.key, None)
+            ps.gone.extend(c.key.encode() for c in dev.chunks)
+            ps.gone.append((DEV_PREFIX + dev.key).encode())
+        for c in dev.chunks:
+            for s in c.series.values():
+                self.series.pop(s.name, None)
+        self.devices.pop(dev.key, None)
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget the state of partitions this worker no longer owns (after a rebalance)."""
@@ -356,14 +393,21 @@ class MinuteAggregator:
                 s.latest_ts, s.unit = latest_ts, unit
                 for w in windows:
                     st = w[1:]
-                    if len(st) < SEEN_MS + 1:
-                        st.extend(new_window()[len(st) :])  # written before duplicates were tracked
+                    if len(st) < OVF + 1:
+                        st.extend(new_window()[len(st) :])  # written by an older version
                     s.windows[w[0]] = st
                 chunk.series[point] = s
             chunks.setdefault(device, []).append(chunk)
         for dkey in sorted(set(heads) | set(chunks)):
-            dev = Device(dkey, partition)
             head = heads.get(dkey)
+            seq = head.get("q", 0) if head is not None else 0
+            known = self.devices.get(dkey)
+            if known is not None and known.seq >= seq:
+                continue  # a device that moved partitions: this is its older copy
+            if known is not None:
+                self._forget_device(known)
+            dev = Device(dkey, partition)
+            dev.seq = seq
             dev.mx, dev.wm = (head["mx"], head["wm"]) if head is not None else legacy
             dev.chunks = sorted(chunks.get(dkey, []), key=lambda c: c.index)
             for c in dev.chunks:
@@ -506,9 +550,7 @@ class MinuteAggregator:
             if seen_before(st, ts - ws):
                 duplicates += 1
                 continue
-            if not add_reading(st, ts, r["value"], r["quality"] == "good"):
-                out.overflow.append(r)
-                continue
+            add_reading(st, ts, r["value"], r["quality"] == "good")
             applied += 1
             if "unit" in r:
                 s.unit = r["unit"]

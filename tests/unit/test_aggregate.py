@@ -98,7 +98,7 @@ def test_replayed_message_is_skipped():
     assert agg.apply(0, 0, m).skipped
     records = agg.checkpoint(0)
     assert dict(records)[(WM_PREFIX + "0").encode()] == b'{"o":0}'
-    assert dict(records)[(DEV_PREFIX + "s1/d").encode()] == b'{"p":0,"mx":%d,"wm":%d}' % (
+    assert dict(records)[(DEV_PREFIX + "s1/d").encode()] == b'{"p":0,"mx":%d,"wm":%d,"q":1}' % (
         T0 + 1_000,
         T0 + 1_000,
     )

@@ -92,19 +92,21 @@ def test_every_reading_twice_gives_the_aggregates_of_once(seed):
     assert compare(b, expected_aggregates((f"s1/d/{p}", ts, v, q) for p, ts, v, q in readings)) == []
 
 
-def test_overflowing_readings_are_refused_and_the_state_stays_valid_json():
+def test_statistics_that_overflow_are_null_and_the_state_stays_valid_json():
     agg = MinuteAggregator(grace_ms=10_000)
-    _, (res,) = feed(agg, [batch("d", [("p", T0 + 1_000, MAX, "good"), ("p", T0 + 2_000, MAX, "good")])])
-    assert [r["ts"] for r in res.overflow] == [T0 + 2_000] and res.applied == 1
-    _, (res,) = feed(agg, [batch("d", [("p", T0 + 3_000, -MAX, "good")])], start=1)
-    assert res.overflow  # the variance would overflow
+    feed(agg, [batch("d", [("p", T0 + 1_000, MAX, "good"), ("p", T0 + 2_000, MAX, "good")])])
+    feed(agg, [batch("d", [("p", T0 + 3_000, -MAX, "good"), ("q", T0 + 3_000, MAX, "good")])], start=1)
     records = agg.checkpoint(0)
-    for _, value in records:
+    for _, value in records:  # no Infinity, no NaN: strict JSON
         json.loads(value, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     again = restored(records, 10_000)  # a restart mid-window
-    emitted, _ = feed(again, [batch("d", [("p", T0 + 80_000, 1.0, "good")])], start=2)
+    feed(again, [batch("d", [("p", T0 + 4_000, 2.0, "good")])], start=2)
+    emitted, _ = feed(again, [batch("d", [("p", T0 + 80_000, 1.0, "good")])], start=3)
     a = emitted[("s1/d/p", T0)]
-    assert a["count"] == 1 and a["sum"] == MAX and a["max"] == MAX and a["stddev"] is None
+    assert a["count"] == 4 and a["max"] == MAX and a["min"] == -MAX and a["first"] == MAX and a["last"] == 2.0
+    assert a["sum"] is None and a["mean"] is None and a["stddev"] is None  # beyond a double: unknown
+    q = emitted[("s1/d/q", T0)]
+    assert q["sum"] == MAX and q["mean"] == MAX and q["stddev"] is None
 
 
 def test_an_evicted_device_keeps_its_clock():

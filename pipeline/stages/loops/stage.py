@@ -57,10 +57,20 @@ class LoopRouting:
         self.stats = stats
 
     def route_with(
-        self, produce: Callable[..., None], batch: ReadingBatch, partition: int, offset: int
+        self,
+        produce: Callable[..., None],
+        batch: ReadingBatch,
+        partition: int,
+        offset: int,
+        until: int | None = None,
     ) -> None:
-        """Send the batch's loop samples through ``produce(topic, key, value, ts_ms)``."""
+        """Send the batch's loop samples through ``produce(topic, key, value, ts_ms)``; samples stamped after
+        ``until`` (too far ahead of the wall clock: the aggregation stage dead-letters them) stay behind."""
         for loop_id, samples in self.router.split(batch).items():
+            if until is not None:
+                samples = [s for s in samples if s[1] <= until]
+                if not samples:
+                    continue
             body = codec.dumps({"loop": loop_id, "src": [partition, offset], "s": samples})
             produce(self.topic, loop_id.encode(), body, max(s[1] for s in samples))
             self.stats.routed_messages += 1
