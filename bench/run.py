@@ -227,7 +227,7 @@ def cleanup(env: dict[str, str], topo: dict[str, Any]) -> None:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": env["PLANTSTREAM_KAFKA"]})
-    # Also the internal topics of the worker (named after the app id) and of the Quix peer (named after the topic).
+    # Also the worker's internal topics (named after the app id) and the Quix peer's (named after the topic).
     names = [
         t
         for t in admin.list_topics(timeout=10).topics

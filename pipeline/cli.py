@@ -119,13 +119,18 @@ def validate(topology: TopologyArg) -> None:
 
 
 @app.command()
-def deploy(topology: TopologyArg) -> None:
+def deploy(
+    topology: TopologyArg,
+    app_id: Annotated[
+        str | None, typer.Option(help="the worker's --app-id, if it runs with one (for growing partitions)")
+    ] = None,
+) -> None:
     """Create the topology's topics and database schema (idempotent)."""
     from pipeline.deploy import deploy as do_deploy
 
     topo = _load(topology)
     try:
-        do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+        do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False), app_id=app_id)
     except Exception as e:
         console.print(f"[bold red]deploy failed:[/] {e}")
         raise typer.Exit(1) from None

@@ -14,6 +14,7 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
+from pipeline.repartition import check_drained, migrate
 from pipeline.topology import Topology
 
 DAY_MS = 86_400_000
@@ -77,13 +78,29 @@ def _command_topics(topo: Topology) -> list[TopicSpec]:
     ]
 
 
-def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[str, str]:
-    """Create missing topics, grow partition counts that are too small; never shrink or delete."""
+def ensure_topics(
+    topo: Topology, say: Callable[[str], None] = print, app_id: str | None = None
+) -> dict[str, str]:
+    """Create missing topics, grow partition counts that are too small; never shrink or delete.
+
+    Growing ``telemetry.raw`` or ``loops.samples`` moves keys, so it is done only with the worker stopped
+    and drained, and the keyed state is moved after them (:mod:`pipeline.repartition`).
+    """
+    app_id = app_id or topo.app_id
     admin = AdminClient({"bootstrap.servers": topo.broker.bootstrap})
     existing = admin.list_topics(timeout=15).topics
     outcome: dict[str, str] = {}
     new = []
-    for spec in topic_specs(topo):
+    specs = topic_specs(topo)
+    grown = {
+        s.name: len(existing[s.name].partitions)
+        for s in specs
+        if s.name in existing and len(existing[s.name].partitions) < s.partitions
+    }
+    keyed = {topo.raw_topic, topo.loop_samples_topic} & set(grown)
+    if keyed:
+        check_drained(topo, app_id, {t: grown[t] for t in keyed})
+    for spec in specs:
         if spec.name not in existing:
             new.append(
                 NewTopic(
@@ -114,12 +131,15 @@ def ensure_topics(topo: Topology, say: Callable[[str], None] = print) -> dict[st
         outcome[name] = "created"
     for name, what in outcome.items():
         say(f"topic {name}: {what}")
+    if keyed:
+        migrate(topo, app_id, grown, say)
     return outcome
 
 
-def deploy(topo: Topology, say: Callable[[str], None] = print) -> dict[str, str]:
-    """Topics, then every sink's tables (through the sink's own writer)."""
-    out = {f"topic {k}": v for k, v in ensure_topics(topo, say).items()}
+def deploy(topo: Topology, say: Callable[[str], None] = print, app_id: str | None = None) -> dict[str, str]:
+    """Topics, then every sink's tables (through the sink's own writer). ``app_id`` names the worker's
+    consumer groups and state topics when it runs with ``--app-id`` (default ``plantstream-<name>``)."""
+    out = {f"topic {k}": v for k, v in ensure_topics(topo, say, app_id).items()}
     for sink in topo.sinks:
         writer = sink.open_writer(f"{topo.app_id}/{sink.id}")
         for table, kind in writer.deploy(topo.sink_tables(sink, writer.tables), say).items():

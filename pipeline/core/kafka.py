@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,40 @@ class Outbox:
             raise DeliveryFailed(f"Kafka refused a record: {self._error}")
         if left:
             raise DeliveryFailed(f"{left} record(s) not delivered within {timeout:.0f} s")
+
+
+# -- where a key lands ------------------------------------------------------------------------------------
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java clients' default partitioner; librdkafka's ``murmur2_random``)."""
+    length, m = len(data), 0x5BD1E995
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    n4 = length // 4
+    for i in range(n4):
+        k = (int.from_bytes(data[i * 4 : i * 4 + 4], "little") * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        h = ((h * m) & 0xFFFFFFFF) ^ ((k * m) & 0xFFFFFFFF)
+    tail, rest = data[n4 * 4 :], length & 3
+    if rest == 3:
+        h ^= tail[2] << 16
+    if rest >= 2:
+        h ^= tail[1] << 8
+    if rest >= 1:
+        h = ((h ^ tail[0]) * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: bytes, partitions: int, partitioner: str) -> int:
+    """The partition a producer with ``partitioner`` puts ``key`` in: ``consistent_random`` (librdkafka's
+    default, used by the connectors: CRC-32) or ``murmur2_random`` (:class:`Outbox`)."""
+    if partitioner == "consistent_random":
+        return zlib.crc32(key) % partitions
+    if partitioner == "murmur2_random":
+        return (murmur2(key) & 0x7FFFFFFF) % partitions
+    raise ValueError(f"unknown partitioner {partitioner!r}")
 
 
 # -- reading a partition directly, outside any consumer group --------------------------------------------

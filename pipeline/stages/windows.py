@@ -88,7 +88,10 @@ def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
     s = st[SUM]
     t = s + value
     comp = st[COMP] + ((s - t) + value if abs(s) >= abs(value) else (value - t) + s)
-    if st[OVF] or not (_isfinite(m2) and _isfinite(t) and _isfinite(comp) and _isfinite(mean)):
+    # One test for all four: x - x is NaN when x is infinite or NaN, i.e. when any term left the range (or
+    # their sum did, which the slow path then sorts out term by term).
+    x = m2 + t + comp + mean
+    if st[OVF] or x - x != 0.0:
         _add_overflowing(st, mean, m2, t, comp)
     else:
         st[MEAN] = mean
@@ -547,7 +550,14 @@ class MinuteAggregator:
                 if members is None:
                     members = open_index[we] = {}
                 members[s.name] = s
-            if seen_before(st, ts - ws):
+            off = ts - ws
+            if off % 1000 == 0 and off < 64_000:  # whole seconds: one bit each (seen_before, inlined)
+                bit = 1 << (off // 1000)
+                if st[SEEN] & bit:
+                    duplicates += 1
+                    continue
+                st[SEEN] |= bit
+            elif seen_before(st, off):
                 duplicates += 1
                 continue
             add_reading(st, ts, r["value"], r["quality"] == "good")

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewPartitions
 
 from connectors.common.producer import TelemetryProducer
 from pipeline.core import codec
-from pipeline.core.kafka import IncompleteRead, ensure_compacted_topic, read_all
+from pipeline.core.kafka import IncompleteRead, ensure_compacted_topic, partition_for, read_all
 from pipeline.deploy import deploy
+from pipeline.repartition import RepartitionRefused
 from pipeline.topology import Topology, validate_data
 from pipeline.worker import build_worker
 from tests.conftest import wait_for
@@ -246,50 +246,51 @@ def test_duplicates_sent_straight_to_the_topic_change_nothing(namespace):
         worker.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not solved yet: once telemetry.raw grows, a moved device's newer messages on its new partition "
-    "can be handled before its backlog on the old one, which its clock then calls late",
-)
-def test_growing_the_raw_topic_under_load_loses_nothing(namespace):
+def test_growing_the_raw_topic_from_4_to_8_partitions_loses_nothing(namespace):
+    """Data flows, the worker stops (deploy refuses while it runs), deploy grows the topic and moves each
+    device's open windows after it, data flows again: every aggregate equals pandas, none late."""
     ns = namespace
-    topo = topo_for(ns, partitions=4)
-    deploy(topo, say=lambda m: None)
-    start = minute_now() - 240_000
+    app_id = f"et-{ns['tag']}"
+    topo = topo_for(ns, partitions=4, idle_timeout="5m", latest=True)
+    deploy(topo, say=lambda m: None, app_id=app_id)
+    start = minute_now() - 600_000
     devices = [f"dev{i}" for i in range(12)]
     streams = [series_of(d, start, 240) for d in devices]
     batches = interleave(*streams)
+    half = len(batches) // 2
     producer = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
-    worker = build_worker(topo, f"et-{ns['tag']}")
+    worker = build_worker(topo, app_id)
     worker.start()
+    grown = topo_for(ns, partitions=8, idle_timeout="5m", latest=True)
     try:
-        half = len(batches) // 2
         for b in batches[:half]:
             send(producer, b, per=len(b))
         assert producer.flush(30) == 0
-        admin = AdminClient({"bootstrap.servers": topo.broker.bootstrap})
-        admin.create_partitions([NewPartitions(topo.raw_topic, 8)])[topo.raw_topic].result(30)
-        # A producer that knows the new partition count: most devices now land elsewhere.
-        grown = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
+        with pytest.raises(RepartitionRefused, match="running member"):
+            deploy(grown, say=lambda m: None, app_id=app_id)
         wait_for(
-            lambda: (
-                len(grown._out._p.list_topics(topo.raw_topic, timeout=5).topics[topo.raw_topic].partitions)
-                == 8
-            ),
-            30,
-            "8 partitions",
+            lambda: worker.counters.readings >= sum(len(b) for b in batches[:half]), 60, "the first half"
         )
-        for b in batches[half:]:
-            send(grown, b, per=len(b))
-        assert grown.flush(30) == 0
+    finally:
+        worker.stop()
+    said: list[str] = []
+    deploy(grown, say=said.append, app_id=app_id)
+    assert any("moved with their devices" in m and not m.startswith("aggregation state: 0 ") for m in said), (
+        said
+    )
+    after = TelemetryProducer(grown.broker.bootstrap, grown.raw_topic, grown.dlq_topic)
+    moved = {b[0][0].rsplit("/", 1)[0] for b in batches[half:]}
+    assert any(partition_for(d.encode(), 8, "consistent_random") >= 4 for d in moved)
+    for b in batches[half:]:
+        send(after, b, per=len(b))
+    closers = [(f"site/{d}/a", start + 330_000, 0.0, "good") for d in devices]  # close minute 4 by clock
+    send(after, closers, per=1)
+    assert after.flush(30) == 0
+    worker = build_worker(grown, app_id)
+    worker.start()
+    try:
         expected = expected_aggregates([r for s in streams for r in s])
-        try:
-            actual = complete(ns, expected)
-        except AssertionError:
-            have = agg_rows(ns["PLANTSTREAM_PG_DSN"], ns["schema"])
-            raise AssertionError(
-                f"{worker.counters}; missing {sorted(set(expected) - set(have))[:6]}"
-            ) from None
+        actual = complete(ns, expected)
         assert compare(actual, expected) == []
         assert worker.counters.late == 0
     finally:
