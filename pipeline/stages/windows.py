@@ -57,16 +57,19 @@ WM_PREFIX = "\x00wm/"
 DEV_PREFIX = "\x00dev/"
 CHUNK_POINTS = 256  # series per state record: bounds the record size for devices with thousands of points
 
-# Layout of one window's state list (a list: compact in memory and in the checkpoint records). SEEN is a
-# bitmask of the whole seconds of the window already applied, SEEN_MS the other offsets (ms) or None; OVF
-# flags the statistics that left the range of a double (readings near ±1.8e308): they are reported null.
-COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST, SEEN, SEEN_MS, OVF = range(15)
+# Layout of one window's state list (a list: compact in memory and in the checkpoint records). Duplicates:
+# PHASE is the sub-second part of the window's first timestamp, SEEN a bitmask of the seconds seen at that
+# phase (a device sampling once a second costs one int per window), SEEN_MS a set of other offsets (ms) or
+# None. OVF flags the statistics that left the range of a double (readings near ±1.8e308): reported null.
+COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST, SEEN, SEEN_MS, OVF, PHASE = range(
+    16
+)
 OVF_MEAN, OVF_M2, OVF_SUM = 1, 2, 4
 _isfinite = math.isfinite
 
 
 def new_window() -> list[Any]:
-    return [0, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None, 0, None, 0]
+    return [0, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None, 0, None, 0, 0]
 
 
 def add_reading(st: list[Any], ts: int, value: float, good: bool) -> None:
@@ -135,19 +138,20 @@ def _add_overflowing(st: list[Any], mean: float, m2: float, t: float, comp: floa
 
 def seen_before(st: list[Any], off: int) -> bool:
     """Whether the window already holds a reading at ``off`` ms from its start; records it if not."""
-    if off % 1000 == 0 and off < 64_000:
-        bit = 1 << (off // 1000)
+    d = off - st[PHASE]
+    if d >= 0 and d % 1000 == 0:
+        bit = 1 << (d // 1000)
         if st[SEEN] & bit:
             return True
         st[SEEN] |= bit
         return False
     ms = st[SEEN_MS]
     if ms is None:
-        st[SEEN_MS] = [off]
+        st[SEEN_MS] = {off}
         return False
     if off in ms:
         return True
-    ms.append(off)
+    ms.add(off)
     return False
 
 
@@ -215,7 +219,8 @@ class Chunk:
                     [point, s.latest_ts, s.unit, [[ws, *st] for ws, st in s.windows.items()]]
                     for point, s in self.series.items()
                 ],
-            }
+            },
+            default=sorted,  # the set of sub-second offsets seen
         )
 
 
@@ -396,8 +401,10 @@ class MinuteAggregator:
                 s.latest_ts, s.unit = latest_ts, unit
                 for w in windows:
                     st = w[1:]
-                    if len(st) < OVF + 1:
+                    if len(st) < PHASE + 1:
                         st.extend(new_window()[len(st) :])  # written by an older version
+                    if st[SEEN_MS] is not None:
+                        st[SEEN_MS] = set(st[SEEN_MS])
                     s.windows[w[0]] = st
                 chunk.series[point] = s
             chunks.setdefault(device, []).append(chunk)
@@ -545,19 +552,20 @@ class MinuteAggregator:
             st = s.windows.get(ws)
             if st is None:
                 st = s.windows[ws] = new_window()
+                st[PHASE] = (ts - ws) % 1000
                 we = ws + window_ms
                 members = open_index.get(we)
                 if members is None:
                     members = open_index[we] = {}
                 members[s.name] = s
-            off = ts - ws
-            if off % 1000 == 0 and off < 64_000:  # whole seconds: one bit each (seen_before, inlined)
-                bit = 1 << (off // 1000)
+            d = ts - ws - st[PHASE]
+            if d >= 0 and d % 1000 == 0:  # a whole number of seconds after the first: one bit (inlined)
+                bit = 1 << (d // 1000)
                 if st[SEEN] & bit:
                     duplicates += 1
                     continue
                 st[SEEN] |= bit
-            elif seen_before(st, off):
+            elif seen_before(st, ts - ws):
                 duplicates += 1
                 continue
             add_reading(st, ts, r["value"], r["quality"] == "good")
