@@ -52,6 +52,7 @@ class Aggregation(Step):
         self.idle_s = topo.aggregates.idle_timeout / 1000
         self.evict_s = max(self.idle_s, EVICT_AFTER_S)
         self.seen: dict[str, float] = {}  # device -> monotonic time of its last message
+        self.closing: dict[tuple[int, int], int] = {}  # (partition, window end) -> windows closed, to log
         self.now = 0.0
         self.wall_ms = 0
 
@@ -99,6 +100,7 @@ class Aggregation(Step):
         handle = self._handle
         for m in msgs:
             handle(m.partition(), m.offset(), m.key(), m.value())
+        self._log_closes()
 
     def _send(self, topic: str, key: str, value: Any, ts_ms: int | None = None) -> None:
         self.stage.outbox.produce(topic, key.encode(), codec.dumps(value), ts_ms)
@@ -117,20 +119,25 @@ class Aggregation(Step):
 
     def _close(self, partition: int, offset: int, closes: list[Close]) -> None:
         if closes:
-            now = time.time()
-            ends: dict[int, int] = {}
-            for c in closes:
-                ends[c.aggregate["window_end"]] = ends.get(c.aggregate["window_end"], 0) + 1
-            for end, n in sorted(ends.items()):
-                # One line per partition and window end: when its windows closed (make bench reads it).
-                wlog.info("windows closed: partition=%d end=%d count=%d at=%.3f", partition, end, n, now)
             agg_topic = self.topo.agg_topic
+            closing = self.closing
             for c in closes:
-                self._send(agg_topic, c.series, c.aggregate, c.aggregate["window_start"])
-            # Durable in Kafka before the windows leave the state: a crash in between re-sends them.
-            self.stage.outbox.flush_sync()
+                agg = c.aggregate
+                self._send(agg_topic, c.series, agg, agg["window_start"])
+                key = (partition, agg["window_end"])
+                closing[key] = closing.get(key, 0) + 1
             self.counters.closed += len(closes)
+        # The windows leave the state in memory now; the runtime delivers their aggregates before it
+        # checkpoints that state, so a crash in between re-sends them from the older checkpoint.
         self.engine.finish(partition, offset, closes)
+
+    def _log_closes(self) -> None:
+        # One line per partition and window end per batch: when its windows closed (make bench reads it).
+        if self.closing:
+            now = time.time()
+            for (p, end), n in sorted(self.closing.items()):
+                wlog.info("windows closed: partition=%d end=%d count=%d at=%.3f", p, end, n, now)
+            self.closing.clear()
 
     def _handle(self, p: int, o: int, key: bytes | None, value: bytes | None) -> None:
         if key == HEARTBEAT_KEY:
@@ -207,3 +214,4 @@ class Aggregation(Step):
                     self._close(p, stage.position.get(p, 0) - 1, closes)
                 elif idle >= self.evict_s and engine.evict(p, dkey):
                     self.seen.pop(dkey, None)
+        self._log_closes()
