@@ -152,12 +152,21 @@ def default_readings(series: int) -> int:
     return max(1_000_000, series * 180)
 
 
+# Another checkout whose worker to measure (--worker-src): versions side by side with one bench.
+WORKER_SRC: Path | None = None
+READY = ("worker ready:", "Worker]: Ready")  # what a worker logs once running (older ones: Faust's line)
+
+
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if WORKER_SRC is not None:
+        env["PYTHONPATH"] = str(WORKER_SRC)
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
-        env=dict(os.environ),
+        env=env,
+        cwd=WORKER_SRC,
     )
 
 
@@ -178,7 +187,8 @@ def rows_total(dsn: str, schema: str) -> int:
     with psycopg.connect(dsn) as conn:
         try:
             row = conn.execute(
-                f'SELECT coalesce(sum(count), 0) FROM "{schema}".agg_1m WHERE device NOT LIKE %s',
+                f'SELECT coalesce(sum(count), 0) FROM "{schema}".agg_1m WHERE device NOT LIKE %s '
+                "AND point <> 'tick'",
                 (TICK_DEVICE + "%",),
             ).fetchone()
         except psycopg.errors.UndefinedTable:
@@ -244,7 +254,7 @@ def cleanup(env: dict[str, str], topo: dict[str, Any]) -> None:
 def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     """Until the worker says it is ready (every stage subscribed)."""
     deadline = time.monotonic() + timeout
-    while "worker ready:" not in log.read_text(errors="replace"):
+    while not any(r in log.read_text(errors="replace") for r in READY):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the worker did not become ready; see {log}")
         time.sleep(0.2)
@@ -281,7 +291,7 @@ def wait_settled(
         texts = [log.read_text(errors="replace") for log in logs]
         states = [assignment(t, topic) for t in texts]
         now: tuple[int, list[set[int]]] | None = None
-        if all("worker ready:" in t for t in texts) and all(s is not None for s in states):
+        if all(any(r in t for r in READY) for t in texts) and all(s is not None for s in states):
             held = [s[1] for s in states if s]
             gens = tuple(s[0] for s in states if s)
             every = set().union(*held) == set(range(partitions))
@@ -464,9 +474,12 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
             messages.append(encode(device_name(d), d % args.partitions, ts, values))
             n += len(values)
             last_ts = max(last_ts, ts)
-        # One reading per partition, far enough ahead that the watermark passes every window of the
-        # workload: Quix closes windows by event time only.
+        # One reading per device, far enough ahead that every window of the workload closes by event time
+        # (devices keep their own clocks; Quix closes windows by event time only), plus one per partition.
         tick = last_ts + 120_000 + grace_ms
+        messages.extend(
+            encode(device_name(d), d % args.partitions, tick, {"tick": 0.0}) for d in range(devices)
+        )
         messages.extend(
             encode(f"{TICK_DEVICE}{part}", part, tick, {"tick": 0.0}) for part in range(args.partitions)
         )
@@ -855,8 +868,16 @@ def main() -> None:
     ap.add_argument("--live-rate", type=float, default=100_000, help="readings/s of the live scenario")
     ap.add_argument("--live-seconds", type=float, default=150, help="duration of the live scenario")
     ap.add_argument("--no-quix", dest="quix", action="store_false", help="skip the Quix Streams peer")
+    ap.add_argument(
+        "--worker-src",
+        type=Path,
+        default=None,
+        help="run the worker from this other checkout of the project (compare versions in one session)",
+    )
     protocols.add_arguments(ap)
     args = ap.parse_args()
+    global WORKER_SRC
+    WORKER_SRC = args.worker_src.resolve() if args.worker_src else None
     scenarios = args.scenarios.split(",")
     unknown = [s for s in scenarios if s not in runners]
     if unknown:
