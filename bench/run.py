@@ -870,14 +870,14 @@ def main() -> None:
     ap.add_argument("--no-quix", dest="quix", action="store_false", help="skip the Quix Streams peer")
     ap.add_argument(
         "--worker-src",
-        type=Path,
+        type=str,
         default=None,
         help="run the worker from this other checkout of the project (compare versions in one session)",
     )
     protocols.add_arguments(ap)
     args = ap.parse_args()
     global WORKER_SRC
-    WORKER_SRC = args.worker_src.resolve() if args.worker_src else None
+    WORKER_SRC = Path(args.worker_src).resolve() if args.worker_src else None
     scenarios = args.scenarios.split(",")
     unknown = [s for s in scenarios if s not in runners]
     if unknown:

@@ -123,12 +123,15 @@ def test_a_backfill_beside_live_devices_on_one_partition(namespace):
     live = series_of("live1", live_start, 180) + series_of("live2", live_start, 180)
     old = series_of("buffer", backfill_start, 180)
     producer = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
-    for batch in interleave(series_of("live1", live_start, 180), series_of("live2", live_start, 180), old):
-        send(producer, batch, per=len(batch))
-    assert producer.flush(30) == 0
     worker = build_worker(topo, f"et-{ns['tag']}")
-    worker.start()
+    worker.start()  # running while the devices send: the backfill interleaved with the live stream
     try:
+        for batch in interleave(
+            series_of("live1", live_start, 180), series_of("live2", live_start, 180), old
+        ):
+            send(producer, batch, per=len(batch))
+            producer.poll(0)
+        assert producer.flush(30) == 0
         expected = expected_aggregates(live + old)
         assert compare(complete(ns, expected), expected) == []
         assert worker.counters.late == 0
