@@ -335,6 +335,28 @@ def _show(cmd: Sequence[str]) -> str:
     return shlex.join(arg if len(arg) <= 120 else f"{arg[:60]}...({len(arg)} chars)" for arg in cmd)
 
 
+def _vendor_dir() -> Path:
+    """Upstream source archives for servers without a package here: PLANTSTREAM_VENDOR_DIR, else
+    ../shared/vendor beside the checkout the command runs in."""
+    override = os.environ.get("PLANTSTREAM_VENDOR_DIR")
+    return Path(override).expanduser() if override else Path.cwd().parent / "shared" / "vendor"
+
+
+def _vendor_archive(pattern: str) -> Path | None:
+    found = sorted(_vendor_dir().glob(pattern)) if _vendor_dir().is_dir() else []
+    return found[-1] if found else None
+
+
+def _deb_installed(package: str) -> bool:
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "install ok installed" in out.stdout
+
+
 def _run(
     service: str,
     what: str,
@@ -970,6 +992,64 @@ class _Postgres(_Service):
     def config_files(self) -> dict[Path, str]:
         return {self.data / "plantstream.conf": self._settings()}
 
+    # -- TimescaleDB: an installed one, else built from the vendored source archive, preloaded ----------
+    def timescale_library(self) -> Path:
+        libdir = Path(os.environ.get("PLANTSTREAM_PG_LIBDIR", str(self.bin.parent / "lib")))
+        return libdir / "timescaledb.so"
+
+    def install_extra(self, progress: Progress) -> None:
+        if self.timescale_library().exists():
+            return
+        archive = _vendor_archive("timescaledb-*.tar.gz")
+        if archive is None:
+            progress(
+                "postgres: TimescaleDB is not installed and no source archive was found "
+                f"({_vendor_dir()}/timescaledb-*.tar.gz, or set PLANTSTREAM_VENDOR_DIR): plain PostgreSQL"
+            )
+            return
+        if not _is_root():
+            progress("postgres: building TimescaleDB needs root (apt-get, make install); plain PostgreSQL")
+            return
+        build = self.root / "build" / archive.name.removesuffix(".tar.gz")
+        log = self.root / "build" / "timescaledb.log"
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        progress(f"postgres: building TimescaleDB from {archive.name} (about 2 minutes; log: {log})")
+        need = [p for p in ("cmake", "postgresql-server-dev-15", "libssl-dev") if not _deb_installed(p)]
+        if need:
+            _run("postgres", "apt-get update", ["apt-get", "update"], log_file=log, env=env, timeout=900)
+            _run(
+                "postgres",
+                "apt-get install",
+                ["apt-get", "install", "-y", "--no-install-recommends", *need],
+                log_file=log,
+                env=env,
+                timeout=1800,
+            )
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir(parents=True)
+        _run(
+            "postgres",
+            "unpack",
+            ["tar", "-xzf", str(archive), "-C", str(build), "--strip-components=1"],
+            log_file=log,
+        )
+        flags = ["-DREGRESS_CHECKS=OFF", "-DTAP_CHECKS=OFF", "-DWARNINGS_AS_ERRORS=OFF", "-DLINTER=OFF"]
+        _run(
+            "postgres",
+            "bootstrap",
+            ["./bootstrap", *flags, "-DCMAKE_BUILD_TYPE=Release", f"-DPG_CONFIG={self.bin / 'pg_config'}"]
+            if (self.bin / "pg_config").exists()
+            else ["./bootstrap", *flags, "-DCMAKE_BUILD_TYPE=Release"],
+            cwd=build,
+            log_file=log,
+            timeout=600,
+        )
+        _run("postgres", "make", ["make", "-j2"], cwd=build / "build", log_file=log, timeout=1800)
+        _run("postgres", "make install", ["make", "install"], cwd=build / "build", log_file=log, timeout=600)
+        if not self.timescale_library().exists():
+            raise self.error(f"TimescaleDB built but {self.timescale_library()} is missing; see {log}")
+        progress(f"postgres: TimescaleDB installed ({self.timescale_library()})")
+
     def _os_user(self) -> str:
         return PG_SUPERUSER if _is_root() else pwd.getpwuid(os.geteuid()).pw_name
 
@@ -1056,7 +1136,12 @@ log_line_prefix = '%m [%p] %q%u@%d '
 track_commit_timestamp = on
 log_timezone = 'UTC'
 timezone = 'UTC'
-"""
+""" + (
+            "# TimescaleDB must be preloaded before CREATE EXTENSION; it never calls home from here.\n"
+            "shared_preload_libraries = 'timescaledb'\ntimescaledb.telemetry_level = off\n"
+            if self.timescale_library().exists()
+            else ""
+        )
 
     def start(self, progress: Progress) -> None:
         user = self._os_user()

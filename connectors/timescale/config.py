@@ -24,6 +24,11 @@ class PostgresSink(SinkBase):
     batch_size: int = Field(2000, ge=1, le=100_000)
     batch_delay: DurationMs = Field(500)
     retention: DurationMs | None = Field(None, description="drop data older than this (default: keep)")
+    timescaledb: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: hypertables, compression and retention policies where the TimescaleDB extension "
+        "can be enabled; off: plain PostgreSQL with monthly partitions",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -37,4 +42,6 @@ class PostgresSink(SinkBase):
     def open_writer(self, consumer: str) -> Any:
         from connectors.timescale.sink import PostgresSinkWriter  # psycopg: only where a sink runs
 
-        return PostgresSinkWriter(self.id, self.dsn, self.schema_name, self.retention, consumer)
+        return PostgresSinkWriter(
+            self.id, self.dsn, self.schema_name, self.retention, consumer, self.timescaledb == "auto"
+        )

@@ -10,6 +10,7 @@ plain table: a few rows a day, kept.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
@@ -111,15 +112,24 @@ OFFSETS = """
     )"""
 
 
-def has_timescale(conn: psycopg.Connection) -> bool:
-    """Try to enable TimescaleDB; False where the extension is not installed."""
+def timescale_status(dsn: str) -> tuple[bool, str | None]:
+    """Try to enable TimescaleDB: (True, None), or (False, why not, with the fix where there is one).
+
+    On a connection of its own: an extension that is installed but not preloaded fails with a FATAL error
+    that closes the session it was tried on.
+    """
     try:
-        with conn.transaction():
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        return True
+        return True, None
     except psycopg.Error as e:
-        log.info("TimescaleDB not available (%s); using native partitioning", e.diag.message_primary or e)
-        return False
+        msg = str(e).strip()
+        if "preload" in msg:
+            return False, (
+                "TimescaleDB is installed but not preloaded: add shared_preload_libraries = 'timescaledb' to "
+                "postgresql.conf and restart PostgreSQL; until then the sink uses plain PostgreSQL"
+            )
+        return False, f"TimescaleDB not available ({msg.splitlines()[0] if msg else e!r}); plain PostgreSQL"
 
 
 def _exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
@@ -160,12 +170,21 @@ def create_schema(
     schema: str = "public",
     tables: tuple[str, ...] = ("agg_1m", "readings"),
     retention_days: int | None = None,
+    timescale: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
-    """Create what the sink needs; running it again changes nothing. Returns table -> storage kind."""
+    """Create what the sink needs; running it again changes nothing. Returns table -> storage kind.
+
+    With ``timescale`` (the default) TimescaleDB is used where the extension can be enabled; without it, or
+    when it cannot, native partitioning."""
     out: dict[str, str] = {}
+    ts = False
+    if timescale:
+        ts, why = timescale_status(dsn)
+        if why:
+            (say or log.info)(why)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        ts = has_timescale(conn)
         ident = sql.Identifier(schema)
         for table in tables:
             if table in PLAIN_TABLES:
@@ -193,9 +212,12 @@ def create_schema(
                     "SELECT add_compression_policy(%s, interval '7 days', if_not_exists => true)",
                     (f"{schema}.{table}",),
                 )
+            if ts:
+                # The retention policy follows the topology on every deploy (set, changed or removed).
+                conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", (f"{schema}.{table}",))
                 if retention_days:
                     conn.execute(
-                        "SELECT add_retention_policy(%s, %s::interval, if_not_exists => true)",
+                        "SELECT add_retention_policy(%s, %s::interval)",
                         (f"{schema}.{table}", f"{retention_days} days"),
                     )
             if not ts:

@@ -43,8 +43,17 @@ def to_records(table: str, entries: Sequence[Entry]) -> tuple[list[Record], list
 class PostgresSinkWriter:
     tables = frozenset(ROWS)
 
-    def __init__(self, sink_id: str, dsn: str, schema: str, retention_ms: int | None, consumer: str) -> None:
+    def __init__(
+        self,
+        sink_id: str,
+        dsn: str,
+        schema: str,
+        retention_ms: int | None,
+        consumer: str,
+        timescale: bool = True,
+    ) -> None:
         self.sink_id, self.dsn, self.schema, self.retention = sink_id, dsn, schema, retention_ms
+        self.timescale = timescale
         self.writer = PostgresWriter(dsn, schema, consumer=consumer)
         self._retention_due = 0.0  # monotonic time of the next retention pass
         self._written_tables: set[str] = set()
@@ -56,6 +65,8 @@ class PostgresSinkWriter:
             self.schema,
             tuple(sorted(set(tables))),
             retention_days=max(1, retention // DAY_MS) if retention else None,
+            timescale=self.timescale,
+            say=lambda m: say(f"sink {self.sink_id}: {m}"),
         )
         for table, kind in kinds.items():
             say(f"sink {self.sink_id}: table {self.schema}.{table} ready ({kind})")

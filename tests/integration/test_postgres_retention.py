@@ -38,7 +38,14 @@ def series_left(dsn: str, schema: str) -> set[str]:
 def test_retention_drops_old_partitions_on_plain_postgres(namespace, retention):
     ns = namespace
     dsn, schema = ns["PLANTSTREAM_PG_DSN"], ns["schema"]
-    sink = {"id": "pg", "type": "postgres", "dsn": dsn, "schema": schema, "topics": ["agg_1m"]}
+    sink = {
+        "id": "pg",
+        "type": "postgres",
+        "dsn": dsn,
+        "schema": schema,
+        "topics": ["agg_1m"],
+        "timescaledb": "off",
+    }
     if retention:
         sink["retention"] = retention
     topo = validate_data(

@@ -8,11 +8,22 @@ import psycopg
 import pytest
 
 from connectors.timescale.rows import aggregate_row, ms_to_dt
-from connectors.timescale.schema import create_schema
+from connectors.timescale.schema import create_schema, timescale_status
 from connectors.timescale.writer import PostgresWriter, Record, is_temporary
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_225_600_000
+
+
+@pytest.fixture(params=["plain", "timescaledb"])
+def backend(request, namespace) -> bool:
+    """Each test on plain PostgreSQL (native partitions) and on TimescaleDB (hypertables)."""
+    if request.param == "plain":
+        return False
+    ok, why = timescale_status(namespace["PLANTSTREAM_PG_DSN"])
+    if not ok:
+        pytest.skip(f"TimescaleDB is not available on this machine: {why}")
+    return True
 
 
 def agg(series: str, ws: int, mean: float, count: int = 3) -> dict:
@@ -46,16 +57,17 @@ def rows(dsn: str, schema: str) -> dict:
         }
 
 
-def test_schema_is_idempotent_and_partitioned(namespace):
+def test_schema_is_idempotent_and_partitioned(namespace, backend):
     dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
-    first = create_schema(dsn, schema)
-    second = create_schema(dsn, schema)
-    assert first == second == {"agg_1m": "partitioned", "readings": "partitioned"}
+    first = create_schema(dsn, schema, timescale=backend)
+    second = create_schema(dsn, schema, timescale=backend)
+    kind = "hypertable" if backend else "partitioned"
+    assert first == second == {"agg_1m": kind, "readings": kind}
 
 
-def test_replay_is_skipped_and_later_offsets_win(namespace):
+def test_replay_is_skipped_and_later_offsets_win(namespace, backend):
     dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
-    create_schema(dsn, schema)
+    create_schema(dsn, schema, timescale=backend)
 
     async def go() -> None:
         w = PostgresWriter(dsn, schema, consumer="t")
@@ -84,9 +96,9 @@ def test_replay_is_skipped_and_later_offsets_win(namespace):
     asyncio.run(go())
 
 
-def test_refused_rows_are_returned_and_the_rest_written(namespace):
+def test_refused_rows_are_returned_and_the_rest_written(namespace, backend):
     dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
-    create_schema(dsn, schema)
+    create_schema(dsn, schema, timescale=backend)
 
     async def go() -> None:
         w = PostgresWriter(dsn, schema, consumer="t")
@@ -115,3 +127,27 @@ def test_error_classification():
     assert is_temporary(E("08006")) and is_temporary(E("40001")) and is_temporary(E("57P01"))
     assert not is_temporary(E("22003")) and not is_temporary(E("23505"))
     assert is_temporary(psycopg.OperationalError("connection lost"))
+
+
+def test_timescaledb_policies_follow_the_topology(namespace):
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    ok, why = timescale_status(dsn)
+    if not ok:
+        pytest.skip(f"TimescaleDB is not available on this machine: {why}")
+
+    def jobs() -> dict[str, set[str]]:
+        with psycopg.connect(dsn) as conn:
+            got = conn.execute(
+                "SELECT hypertable_name, proc_name FROM timescaledb_information.jobs "
+                "WHERE hypertable_schema = %s",
+                (schema,),
+            ).fetchall()
+        out: dict[str, set[str]] = {}
+        for table, proc in got:
+            out.setdefault(table, set()).add(proc)
+        return out
+
+    create_schema(dsn, schema, ("agg_1m", "readings"), retention_days=30)
+    assert jobs() == {t: {"policy_compression", "policy_retention"} for t in ("agg_1m", "readings")}
+    create_schema(dsn, schema, ("agg_1m", "readings"), retention_days=None)  # retention removed again
+    assert jobs() == {t: {"policy_compression"} for t in ("agg_1m", "readings")}
