@@ -225,18 +225,58 @@ def create_schema(
                 conn.execute(partition_ddl(schema, table, now))
                 conn.execute(partition_ddl(schema, table, month_bounds(now)[1]))
             out[table] = "hypertable" if ts else "partitioned"
-        if ts and "agg_1m" in tables and not _exists(conn, schema, "agg_1h"):
-            conn.execute(
-                sql.SQL(
-                    "CREATE MATERIALIZED VIEW IF NOT EXISTS {}.agg_1h WITH (timescaledb.continuous) AS "
-                    "SELECT time_bucket('1 hour', bucket) AS bucket, series, sum(count) AS count, "
-                    "sum(good_count) AS good_count, min(min) AS min, max(max) AS max, "
-                    "sum(sum) / NULLIF(sum(good_count), 0) AS mean, sum(sum) AS sum "
-                    "FROM {}.agg_1m GROUP BY 1, 2 WITH NO DATA"
-                ).format(ident, ident)
-            )
+        if "agg_1m" in tables:
+            create_agg_1h(conn, schema)
         conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
     return out
+
+
+# Hourly rollups of agg_1m, the same on every backend: a view, so a minute rewritten late (a replay, a late
+# window) reaches its hour at once. Counts add up; mean is sum / good_count (the count-weighted mean of the
+# minutes); first/last come from the earliest/latest minute with good readings; the variance combines the
+# minutes' variances and their means' spread (Chan et al.'s parallel formula), so stddev equals the sample
+# standard deviation of the hour's good readings.
+AGG_1H = """
+CREATE VIEW {schema}.agg_1h AS
+WITH m AS (
+    SELECT date_trunc('hour', bucket) AS hour, bucket, series, site, device, point, count, good_count,
+           min, max, mean, sum, first, last, stddev, unit,
+           sum(sum) OVER w / NULLIF(sum(good_count) OVER w, 0) AS hour_mean
+    FROM {schema}.agg_1m
+    WINDOW w AS (PARTITION BY series, date_trunc('hour', bucket))
+)
+SELECT hour AS bucket, series, min(site) AS site, min(device) AS device, min(point) AS point,
+       sum(count)::bigint AS count, sum(good_count)::bigint AS good_count,
+       min(min) AS min, max(max) AS max,
+       sum(sum) / NULLIF(sum(good_count), 0) AS mean,
+       CASE WHEN sum(good_count) > 0 THEN sum(sum) END AS sum,
+       (array_agg(first ORDER BY bucket) FILTER (WHERE good_count > 0))[1] AS first,
+       (array_agg(last ORDER BY bucket DESC) FILTER (WHERE good_count > 0))[1] AS last,
+       CASE WHEN sum(good_count) >= 2 THEN sqrt(greatest(0, sum(
+           coalesce(stddev * stddev * (good_count - 1), 0) + good_count * (mean - hour_mean) ^ 2
+       ) / (sum(good_count) - 1))) END AS stddev,
+       min(unit) AS unit, hour + interval '1 hour' AS window_end
+FROM m
+GROUP BY hour, series
+"""
+
+
+def create_agg_1h(conn: psycopg.Connection, schema: str) -> None:
+    """The agg_1h view; an older continuous aggregate of that name (fewer columns) is replaced."""
+    row = conn.execute(
+        "SELECT pg_get_viewdef(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = 'agg_1h'",
+        (schema,),
+    ).fetchone()
+    if row is not None and "hour_mean" in (row[0] or ""):
+        return
+    ident = sql.Identifier(schema)
+    if row is not None:  # a continuous aggregate (TimescaleDB's own DROP), else a plain view
+        try:
+            conn.execute(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}.agg_1h CASCADE").format(ident))
+        except psycopg.Error:
+            conn.execute(sql.SQL("DROP VIEW IF EXISTS {}.agg_1h CASCADE").format(ident))
+    conn.execute(sql.SQL(AGG_1H.format(schema="{schema}")).format(schema=ident))
 
 
 def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older_than: datetime) -> list[str]:

@@ -151,3 +151,80 @@ def test_timescaledb_policies_follow_the_topology(namespace):
     assert jobs() == {t: {"policy_compression", "policy_retention"} for t in ("agg_1m", "readings")}
     create_schema(dsn, schema, ("agg_1m", "readings"), retention_days=None)  # retention removed again
     assert jobs() == {t: {"policy_compression"} for t in ("agg_1m", "readings")}
+
+
+def test_agg_1h_equals_pandas_hourly_on_every_backend(namespace, backend):
+    """Minutes from the aggregator, written like the sink does; the hourly view against pandas '1h'."""
+    import random
+
+    import pandas as pd
+
+    from pipeline.stages.windows import MinuteAggregator
+
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    create_schema(dsn, schema, ("agg_1m",), timescale=backend)
+    rng = random.Random(5)
+    raw = []
+    for series in ("s/d/a", "s/d/b"):
+        for i in range(2 * 3600 // 7):  # two hours, a reading every 7 s, some bad
+            q = "bad" if rng.random() < 0.05 else "good"
+            raw.append((series, T0 + i * 7000 + rng.randint(0, 999), rng.gauss(50, 10), q))
+    agg = MinuteAggregator(grace_ms=0)
+    closes = []
+    for off, (series, ts, v, q) in enumerate(sorted(raw, key=lambda r: r[1])):
+        _, device, point = series.split("/")
+        agg.apply(
+            0,
+            off,
+            {
+                "v": 1,
+                "source": "t",
+                "site": "s",
+                "device": device,
+                "readings": [{"point": point, "ts": ts, "value": v, "quality": q}],
+            },
+        )
+        due = agg.due(0)
+        closes += due
+        agg.finish(0, off, due)
+    closes += agg.due(0, flush_all=True)
+
+    async def write() -> None:
+        w = PostgresWriter(dsn, schema, consumer="t")
+        await w.write(
+            "agg_1m", "topic", [Record(0, i, aggregate_row(c.aggregate)) for i, c in enumerate(closes)]
+        )
+        await w.close()
+
+    asyncio.run(write())
+    with psycopg.connect(dsn) as conn:
+        got = {
+            (r[0], int(r[1].timestamp() * 1000)): r[2:]
+            for r in conn.execute(
+                f"SELECT series, bucket, count, good_count, min, max, mean, sum, first, last, stddev "
+                f'FROM "{schema}".agg_1h'
+            ).fetchall()
+        }
+    df = pd.DataFrame(raw, columns=["series", "ts", "value", "quality"])
+    assert len(got) == 4
+    for series, g in df.groupby("series"):
+        g = g.sort_values("ts")
+        idx = pd.to_datetime(g["ts"], unit="ms")
+        counts = pd.Series(1, index=idx).resample("1h").sum()
+        good = g[g["quality"] == "good"]
+        r = pd.Series(good["value"].to_numpy(), index=pd.to_datetime(good["ts"], unit="ms")).resample("1h")
+        for hour, n in counts.items():
+            row = got[(series, int(hour.value // 1_000_000))]
+            want = (
+                n,
+                r.count()[hour],
+                r.min()[hour],
+                r.max()[hour],
+                r.mean()[hour],
+                r.sum()[hour],
+                r.first()[hour],
+                r.last()[hour],
+                r.std(ddof=1)[hour],
+            )
+            assert row[:2] == want[:2]
+            assert row[2:] == pytest.approx(want[2:], rel=1e-9)
