@@ -22,6 +22,7 @@ SOURCES: dict[str, tuple[str, str]] = {
 
 SINKS: dict[str, str] = {
     "postgres": "connectors.timescale.config:PostgresSink",
+    "influx": "connectors.influx.config:InfluxSink",
 }
 
 

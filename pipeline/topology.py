@@ -167,6 +167,7 @@ def topology_model() -> type[Topology]:
 ENV_OVERRIDES = {
     "PLANTSTREAM_KAFKA": ("broker", "bootstrap"),
     "PLANTSTREAM_PG_DSN": ("sinks", "postgres", "dsn"),
+    "PLANTSTREAM_INFLUX_URL": ("sinks", "influx", "url"),
     "PLANTSTREAM_MQTT_URL": ("sources", "mqtt", "url"),
     "PLANTSTREAM_TOPIC_PREFIX": ("prefix",),
 }
@@ -213,9 +214,10 @@ def apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> dict[str, 
     for key, kind, field_name in (
         ("PLANTSTREAM_PG_DSN", "postgres", "dsn"),
         ("PLANTSTREAM_MQTT_URL", "mqtt", "url"),
+        ("PLANTSTREAM_INFLUX_URL", "influx", "url"),
     ):
         if env.get(key):
-            section = "sinks" if kind == "postgres" else "sources"
+            section = "sinks" if kind in ("postgres", "influx") else "sources"
             for item in data.get(section) or []:
                 if isinstance(item, dict) and item.get("type") == kind:
                     item[field_name] = env[key]

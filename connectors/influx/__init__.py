@@ -1,0 +1,1 @@
+"""InfluxDB sink (1.x HTTP API): config, line protocol, writer."""

@@ -1,0 +1,82 @@
+"""Records to InfluxDB line protocol, one function per measurement (the sink's row mapping).
+
+Measurements are named like the PostgreSQL tables; tags ``site``, ``device``, ``point`` (and ``unit`` where
+known); the statistics are fields, nulls left out; the timestamp is the window start (``agg_1m``) or the
+reading's time (``readings``), in milliseconds. A point with the same measurement, tags and time overwrites
+the previous one, so replays are idempotent. Each function raises on a record that is not what it expects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+_TAG = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": "", "\r": ""})
+_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": "", "\r": ""})
+STAT_FIELDS = ("min", "max", "mean", "sum", "first", "last", "stddev")
+
+
+def tag(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise TypeError(f"a tag value must be a non-empty string, got {v!r:.40}")
+    out = v.translate(_TAG)
+    if out.endswith("\\"):
+        out += " "  # a trailing backslash would escape the separator that follows
+    return out
+
+
+def field_str(v: str) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _float(name: str, v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)):
+        raise TypeError(f"{name} must be a finite number or null, got {v!r:.40}")
+    return f"{name}={float(v)!r}"
+
+
+def _int(name: str, v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an integer, got {v!r:.40}")
+    return f"{name}={v}i"
+
+
+def _tags(rec: dict[str, Any]) -> str:
+    out = f"site={tag(rec['site'])},device={tag(rec['device'])},point={tag(rec['point'])}"
+    unit = rec.get("unit")
+    if unit:
+        out += f",unit={tag(unit)}"
+    return out
+
+
+def aggregate_lines(a: dict[str, Any]) -> list[str]:
+    fields = [_int("count", a["count"]), _int("good_count", a["good_count"])]
+    for f in STAT_FIELDS:
+        v = _float(f, a.get(f))
+        if v is not None:
+            fields.append(v)
+    ts = a["window_start"]
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise TypeError(f"window_start must be epoch ms, got {ts!r:.40}")
+    return [f"agg_1m,{_tags(a)} {','.join(fields)} {ts}"]
+
+
+def reading_lines(batch: dict[str, Any]) -> list[str]:
+    """A validated ReadingBatch: one point per reading."""
+    site, device = tag(batch["site"]), tag(batch["device"])
+    out = []
+    for r in batch["readings"]:
+        tags = f"site={site},device={device},point={tag(r['point'])}"
+        if r.get("unit"):
+            tags += f",unit={tag(r['unit'])}"
+        out.append(f"readings,{tags} value={float(r['value'])!r},quality={field_str(r['quality'])} {r['ts']}")
+    return out
+
+
+LINES: dict[str, tuple[Callable[[Any], list[str]], str]] = {
+    "agg_1m": (aggregate_lines, "aggregate"),
+    "readings": (reading_lines, "ReadingBatch"),
+}
