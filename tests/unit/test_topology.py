@@ -57,7 +57,7 @@ def test_unknown_type_names_allowed_types():
     data = minimal()
     data["sinks"][0]["type"] = "postgrs"
     (p,) = problems(data)
-    assert p == "sinks[0].type: unknown type postgrs; allowed: postgres"
+    assert p == "sinks[0].type: unknown type postgrs; allowed: postgres, influx"
 
 
 def test_template_without_device_needs_a_fixed_one():
