@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 
 from connectors.common.producer import TelemetryProducer
 from pipeline.core import codec
-from pipeline.core.kafka import IncompleteRead, ensure_compacted_topic, partition_for, read_all
+from pipeline.core.kafka import IncompleteRead, Outbox, ensure_compacted_topic, partition_for, read_all
 from pipeline.deploy import deploy
 from pipeline.repartition import RepartitionRefused
 from pipeline.topology import Topology, validate_data
@@ -304,12 +304,10 @@ def test_a_restore_that_cannot_read_the_whole_state_fails_loudly(namespace):
     ns = namespace
     name = f"{ns['prefix']}state-truncated"
     ensure_compacted_topic(ns["PLANTSTREAM_KAFKA"], name, 1, 1)
-    p = Producer({"bootstrap.servers": ns["PLANTSTREAM_KAFKA"], "linger.ms": 50})
+    out = Outbox(ns["PLANTSTREAM_KAFKA"], "truncated-restore")  # waits for room when its queue is full
     for i in range(200_000):
-        p.produce(name, codec.dumps({"i": i, "pad": "x" * 100}), f"k{i}".encode(), partition=0)
-        if i % 10_000 == 0:
-            p.poll(0)
-    assert p.flush(60) == 0
+        out.produce(name, f"k{i}".encode(), codec.dumps({"i": i, "pad": "x" * 100}), None, 0)
+    out.flush_sync(60)
     assert len(read_all(ns["PLANTSTREAM_KAFKA"], name, 0)) == 200_000
     with pytest.raises(IncompleteRead, match=r"refusing to start from part of the state"):
         read_all(ns["PLANTSTREAM_KAFKA"], name, 0, timeout=0.2)
