@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.core import codec
@@ -67,7 +67,8 @@ def check_drained(topo: Topology, app_id: str, have: dict[str, int], quiet_s: fl
             if topic not in have:
                 continue
             tps = [TopicPartition(topic, p) for p in range(have[topic])]
-            committed = admin.list_consumer_group_offsets([_request(group, tps)])[group].result(15)
+            request = ConsumerGroupTopicPartitions(group, tps)
+            committed = admin.list_consumer_group_offsets([request])[group].result(15)
             for tp in committed.topic_partitions:
                 end = ends[topic][tp.partition]
                 if end > 0 and tp.offset < end:
@@ -81,12 +82,6 @@ def check_drained(topo: Topology, app_id: str, have: dict[str, int], quiet_s: fl
                 raise RepartitionRefused(f"{topic} is still receiving messages; to add partitions, {fix}")
     finally:
         consumer.close()
-
-
-def _request(group: str, tps: list[TopicPartition]) -> Any:
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
-    return ConsumerGroupTopicPartitions(group, tps)
 
 
 def rekey(

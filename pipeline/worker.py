@@ -118,9 +118,9 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
         )
     if with_sinks:
         for sink in topo.sinks:
-            probe = sink.open_writer(f"{app_id}/{sink.id}")
-            for table in topo.sink_tables(sink, probe.tables):
-                writer = sink.open_writer(f"{app_id}/{sink.id}")
+            first = sink.open_writer(f"{app_id}/{sink.id}")  # each table's stage has a writer of its own
+            for i, table in enumerate(topo.sink_tables(sink, first.tables)):
+                writer = first if i == 0 else sink.open_writer(f"{app_id}/{sink.id}")
                 stages.append(
                     Stage(
                         f"sink {sink.id}/{table}",

@@ -90,6 +90,10 @@ class InvalidRecord(ValueError):
         self.reason = reason
 
 
+# Written by earlier versions on telemetry.raw and loops.samples to close quiet partitions; skipped.
+HEARTBEAT_KEY = b"\x00heartbeat"
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

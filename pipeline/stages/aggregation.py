@@ -27,7 +27,7 @@ from confluent_kafka import Message
 
 from pipeline.core import codec
 from pipeline.core.kafka import ensure_compacted_topic, read_all
-from pipeline.core.records import InvalidRecord, validate_batch
+from pipeline.core.records import HEARTBEAT_KEY, InvalidRecord, validate_batch
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.runtime import Step
 from pipeline.stages.windows import Close, MinuteAggregator
@@ -35,7 +35,6 @@ from pipeline.stages.windows import Close, MinuteAggregator
 log = logging.getLogger("plantstream.worker")
 wlog = logging.getLogger("plantstream.windows")
 
-HEARTBEAT_KEY = b"\x00heartbeat"  # written by earlier versions to close quiet partitions; skipped
 EVICT_AFTER_S = 600.0  # quiet time, after its windows closed, before a device's series leave the memory
 
 

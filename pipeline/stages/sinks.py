@@ -19,13 +19,11 @@ from confluent_kafka import Message
 
 from connectors.common.sink import Entry, SinkWriter
 from pipeline.core import codec
-from pipeline.core.records import InvalidRecord, validate_batch
+from pipeline.core.records import HEARTBEAT_KEY, InvalidRecord, validate_batch
 from pipeline.core.topology import SinkBase, TopologyBase
 from pipeline.stages.runtime import Step
 
 log = logging.getLogger("plantstream.worker")
-
-HEARTBEAT_KEY = b"\x00heartbeat"  # written by earlier versions on the input topics; skipped
 
 
 def _json_object(value: bytes) -> Any:

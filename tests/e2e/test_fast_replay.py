@@ -4,7 +4,6 @@ per-device clocks keep every on-time reading and duplicates change nothing (docs
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
 import sys
 from typing import Any
@@ -14,7 +13,7 @@ import yaml
 
 from pipeline.core import codec
 from tests.conftest import wait_for
-from tests.e2e.test_mqtt_to_postgres import agg_rows, publish, read_dlq, spawn, topology
+from tests.e2e.test_mqtt_to_postgres import agg_rows, publish, read_dlq, spawn, stop, topology
 from tests.reference import compare, expected_aggregates
 
 pytestmark = pytest.mark.e2e
@@ -75,11 +74,4 @@ def test_a_fast_replay_with_duplicates_matches_pandas(namespace, tmp_path, monke
         dlq: list[dict[str, Any]] = read_dlq(ns["PLANTSTREAM_KAFKA"], f"{ns['prefix']}telemetry.dlq", 1, 3)
         assert [x["reason"] for x in dlq] == []  # not one on-time reading called late
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)

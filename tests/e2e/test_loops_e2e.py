@@ -31,6 +31,7 @@ from connectors.sim.loops import scenario
 from pipeline.stages.loops.engine import TAGS, LoopDef
 from pipeline.topology import load, validate_data
 from tests.conftest import wait_for
+from tests.e2e.test_mqtt_to_postgres import stop as stop_processes
 from tests.unit.test_loops_reference import differences, reference_kpis
 
 pytestmark = pytest.mark.e2e
@@ -215,14 +216,7 @@ def test_loop_kpis_end_to_end_with_a_worker_restart(namespace, tmp_path):
         if client is not None:
             client.loop_stop()
             client.disconnect()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
     assert set(rows) == set(defs)
     for lid in defs:

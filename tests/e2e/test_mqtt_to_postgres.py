@@ -204,6 +204,18 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def stop(procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    """SIGTERM to every process still running, then wait for each; kill what does not stop in time."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def agg_rows(dsn: str, schema: str) -> dict[tuple[str, int], dict[str, Any]]:
     with psycopg.connect(dsn) as conn:
         try:
@@ -376,11 +388,4 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
             got.add((x.get("topic"), payload))
         assert sent <= got, f"missing from the DLQ: {sorted(sent - got)[:5]}"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)

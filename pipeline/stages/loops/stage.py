@@ -23,7 +23,7 @@ from confluent_kafka import Message
 
 from pipeline.core import codec
 from pipeline.core.kafka import read_all
-from pipeline.core.records import ReadingBatch
+from pipeline.core.records import HEARTBEAT_KEY, ReadingBatch
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.loops.config import Loop
 from pipeline.stages.loops.engine import LoopDef, LoopEngine, LoopRouter, run_job
@@ -31,8 +31,6 @@ from pipeline.stages.runtime import Step
 from pipeline.stages.state import PartitionedStore
 
 log = logging.getLogger("plantstream.loops")
-
-HEARTBEAT_KEY = b"\x00heartbeat"  # written by earlier versions to close quiet loops; skipped
 
 
 @dataclass
