@@ -55,7 +55,7 @@ __all__ = [
     "up",
 ]
 
-SERVICE_NAMES: tuple[str, ...] = ("kafka", "postgres", "mosquitto", "influxdb")
+SERVICE_NAMES: tuple[str, ...] = ("kafka", "postgres", "mosquitto", "influxdb", "influxdb18")
 
 Progress = Callable[[str], None]
 
@@ -87,6 +87,8 @@ class Ports:
     mosquitto: int = 1883
     influxdb: int = 8086
     influxdb_rpc: int = 8088
+    influxdb18: int = 8087
+    influxdb18_rpc: int = 8089
 
 
 @dataclass
@@ -107,6 +109,8 @@ _PORT_ENV = {
     "mosquitto": "PLANTSTREAM_MQTT_PORT",
     "influxdb": "PLANTSTREAM_INFLUX_PORT",
     "influxdb_rpc": "PLANTSTREAM_INFLUX_RPC_PORT",
+    "influxdb18": "PLANTSTREAM_INFLUX18_PORT",
+    "influxdb18_rpc": "PLANTSTREAM_INFLUX18_RPC_PORT",
 }
 
 
@@ -138,6 +142,7 @@ def connection_env(ports: Ports | None = None) -> dict[str, str]:
         "PLANTSTREAM_MQTT_URL": f"mqtt://127.0.0.1:{p.mosquitto}",
         "PLANTSTREAM_INFLUX_URL": f"http://127.0.0.1:{p.influxdb}",
         "PLANTSTREAM_INFLUX_DB": INFLUX_DATABASE,
+        "PLANTSTREAM_INFLUX2_URL": f"http://127.0.0.1:{p.influxdb18}",
     }
 
 
@@ -575,6 +580,10 @@ class _Service:
         return [pkg for binary, pkg in self.binaries.items() if not Path(binary).exists()]
 
     def install_extra(self, progress: Progress) -> None:
+        return None
+
+    def unavailable(self) -> str | None:
+        """Why this service cannot run on this machine (then ``up`` skips it), or None."""
         return None
 
     # --- health -------------------------------------------------------------------------------------------
@@ -1344,24 +1353,35 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
 class _InfluxDB(_Service):
     name = "influxdb"
     binaries = {"/usr/bin/influxd": "influxdb"}
-    system_service = "influxdb"
+    system_service: str | None = "influxdb"
 
     def __init__(self, root: Path, ports: Ports) -> None:
         super().__init__(root, ports)
         self.config = self.dir / "influxdb.conf"
         self.out_file = self.log_file
 
+    @property
+    def http_port(self) -> int:
+        return self.ports.influxdb
+
+    @property
+    def rpc_port(self) -> int:
+        return self.ports.influxdb_rpc
+
     def _binary(self) -> str:
         return shutil.which("influxd") or "/usr/bin/influxd"
 
+    def _http_extra(self) -> str:
+        return ""
+
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.ports.influxdb}"
+        return f"127.0.0.1:{self.http_port}"
 
     def connection(self) -> str:
-        return f"http://127.0.0.1:{self.ports.influxdb}"
+        return f"http://127.0.0.1:{self.http_port}"
 
     def listen_ports(self) -> list[int]:
-        return [self.ports.influxdb, self.ports.influxdb_rpc]
+        return [self.http_port, self.rpc_port]
 
     def marker(self) -> str:
         return str(self.config)
@@ -1388,7 +1408,7 @@ class _InfluxDB(_Service):
         return names
 
     def ready(self, timeout: float = 3.0) -> str | None:
-        if not _port_open(self.ports.influxdb):
+        if not _port_open(self.http_port):
             return f"nothing listening on {self.endpoint()}"
         try:
             code, _body = _http(f"{self.connection()}/ping", timeout=timeout)
@@ -1414,7 +1434,7 @@ class _InfluxDB(_Service):
     def _conf(self) -> str:
         return f"""# Written by localservices/harness.py on every start; edits are overwritten.
 reporting-disabled = true
-bind-address = "127.0.0.1:{self.ports.influxdb_rpc}"
+bind-address = "127.0.0.1:{self.rpc_port}"
 
 [meta]
   dir = "{self.dir / "meta"}"
@@ -1432,12 +1452,12 @@ bind-address = "127.0.0.1:{self.ports.influxdb_rpc}"
 
 [http]
   enabled = true
-  bind-address = "127.0.0.1:{self.ports.influxdb}"
+  bind-address = "127.0.0.1:{self.http_port}"
   auth-enabled = false
   log-enabled = false
   pprof-enabled = false
   unix-socket-enabled = false
-
+{self._http_extra()}
 [logging]
   format = "auto"
   level = "info"
@@ -1447,7 +1467,7 @@ bind-address = "127.0.0.1:{self.ports.influxdb_rpc}"
     def start(self, progress: Progress) -> None:
         binary = self._binary()
         if not Path(binary).exists():
-            raise ServiceError("influxdb: the influxd binary is missing; run install(['influxdb'])")
+            raise ServiceError(f"{self.name}: the influxd binary is missing; run install(['{self.name}'])")
         for sub in ("meta", "data", "wal"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.write_configs()
@@ -1456,7 +1476,85 @@ bind-address = "127.0.0.1:{self.ports.influxdb_rpc}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFLUXDB_")}
         pid = _spawn([binary, "-config", str(self.config)], cwd=self.dir, out_file=self.out_file, env=env)
         _write_text(self.pid_file, f"{pid}\n")
-        progress(f"influxdb: started pid {pid} on {self.endpoint()} (log: {self.log_file})")
+        progress(f"{self.name}: started pid {pid} on {self.endpoint()} (log: {self.log_file})")
+
+
+class _InfluxDB18(_InfluxDB):
+    """InfluxDB 1.8, for its 2.x compatibility API (``/api/v2/write``, Flux on ``/api/v2/query``).
+
+    Debian packages only 1.6, which lacks that API, so setup builds ``influxd`` from an upstream source
+    archive (``influxdb-1.8*.tar.gz`` in ``PLANTSTREAM_VENDOR_DIR``) with Go; without the archive (or a
+    binary built before) the service is skipped and says why."""
+
+    name = "influxdb18"
+    binaries: dict[str, str] = {}
+    system_service = None
+
+    @property
+    def http_port(self) -> int:
+        return self.ports.influxdb18
+
+    @property
+    def rpc_port(self) -> int:
+        return self.ports.influxdb18_rpc
+
+    def _install_dir(self) -> Path:
+        return Path("/usr/local/lib/plantstream") if _is_root() else self.root / "bin"
+
+    def _binary(self) -> str:
+        return str(self._install_dir() / "influxd-1.8")
+
+    def _http_extra(self) -> str:
+        return "  flux-enabled = true\n"
+
+    def is_system_instance(self, pid: int) -> bool:
+        return False
+
+    def unavailable(self) -> str | None:
+        if Path(self._binary()).exists() or _vendor_archive("influxdb-1.8*.tar.gz") is not None:
+            return None
+        return (
+            f"no {self._binary()} and no source archive ({_vendor_dir()}/influxdb-1.8*.tar.gz, or set "
+            "PLANTSTREAM_VENDOR_DIR); the InfluxDB 2.x-API tests are skipped"
+        )
+
+    def install_extra(self, progress: Progress) -> None:
+        target = Path(self._binary())
+        archive = _vendor_archive("influxdb-1.8*.tar.gz")
+        if target.exists() or archive is None:
+            return
+        go = shutil.which("go")
+        if go is None:
+            progress(f"{self.name}: building InfluxDB 1.8 needs Go (golang); skipped")
+            return
+        build = self.root / "build" / archive.name.removesuffix(".tar.gz")
+        log = self.root / "build" / "influxdb18.log"
+        progress(f"{self.name}: building influxd from {archive.name} (about 2 minutes; log: {log})")
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir(parents=True)
+        _run(
+            self.name,
+            "unpack",
+            ["tar", "-xzf", str(archive), "-C", str(build), "--strip-components=1"],
+            log_file=log,
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The archive's go.sum predates the module proxy's current answers for a few modules: -mod=mod lets
+        # go fill them in (the build notes of the archive say the same).
+        env = {**os.environ, "GOFLAGS": "-mod=mod -buildvcs=false"}
+        partial = target.with_suffix(".partial")
+        _run(
+            self.name,
+            "go build",
+            [go, "build", "-o", str(partial), "./cmd/influxd"],
+            cwd=build,
+            log_file=log,
+            env=env,
+            timeout=1800,
+        )
+        partial.replace(target)
+        shutil.rmtree(build, ignore_errors=True)
+        progress(f"{self.name}: installed {target}")
 
 
 _CLASSES: dict[str, type[_Service]] = {
@@ -1464,6 +1562,7 @@ _CLASSES: dict[str, type[_Service]] = {
     "postgres": _Postgres,
     "mosquitto": _Mosquitto,
     "influxdb": _InfluxDB,
+    "influxdb18": _InfluxDB18,
 }
 
 
@@ -1528,7 +1627,13 @@ def up(
     with _lock():
         install([svc.name for svc in services], progress)
         started: list[_Service] = []
+        skipped: set[str] = set()
         for svc in services:
+            reason = svc.unavailable()
+            if reason is not None:
+                progress(f"{svc.name}: skipped: {reason}")
+                skipped.add(svc.name)
+                continue
             pid = svc.find_pid()
             if pid is not None:
                 problem = svc.check()
@@ -1570,7 +1675,7 @@ def up(
         for svc in started:
             svc.wait_healthy(deadline, timeout, progress)
             progress(f"{svc.name}: healthy at {svc.connection()}")
-    return {svc.name: svc.connection() for svc in services}
+    return {svc.name: svc.connection() for svc in services if svc.name not in skipped}
 
 
 def down(names: Iterable[str] = SERVICE_NAMES, progress: Progress = print) -> None:
@@ -1605,6 +1710,8 @@ def status(names: Iterable[str] = SERVICE_NAMES, *, ports: Ports | None = None) 
             holders = ", ".join(_describe(p) for p in sorted(_listener_pids(primary))) or "an unknown process"
             state = "answers" if healthy else f"does not answer ({problem})"
             detail = f"port {primary} held by {holders}, not started by plantstream; it {state}"
+        elif (reason := svc.unavailable()) is not None:
+            detail = f"not available: {reason}"
         else:
             stale = svc.stale_pid()
             detail = "not running" + (f" (stale pid file: pid {stale} is gone)" if stale is not None else "")

@@ -167,7 +167,8 @@ def topology_model() -> type[Topology]:
 ENV_OVERRIDES = {
     "PLANTSTREAM_KAFKA": ("broker", "bootstrap"),
     "PLANTSTREAM_PG_DSN": ("sinks", "postgres", "dsn"),
-    "PLANTSTREAM_INFLUX_URL": ("sinks", "influx", "url"),
+    "PLANTSTREAM_INFLUX_URL": ("sinks", "influx", "url"),  # the sinks on the 1.x API
+    "PLANTSTREAM_INFLUX2_URL": ("sinks", "influx", "url"),  # the sinks on the 2.x API
     "PLANTSTREAM_MQTT_URL": ("sources", "mqtt", "url"),
     "PLANTSTREAM_TOPIC_PREFIX": ("prefix",),
 }
@@ -219,8 +220,12 @@ def apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> dict[str, 
         if env.get(key):
             section = "sinks" if kind in ("postgres", "influx") else "sources"
             for item in data.get(section) or []:
-                if isinstance(item, dict) and item.get("type") == kind:
+                if isinstance(item, dict) and item.get("type") == kind and item.get("api", "v1") == "v1":
                     item[field_name] = env[key]
+    if env.get("PLANTSTREAM_INFLUX2_URL"):
+        for item in data.get("sinks") or []:
+            if isinstance(item, dict) and item.get("type") == "influx" and item.get("api") == "v2":
+                item["url"] = env["PLANTSTREAM_INFLUX2_URL"]
     return data
 
 

@@ -41,6 +41,16 @@ def services_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def influx_urls(services_env: dict[str, str]) -> dict[str, str | None]:
+    """The InfluxDB servers: ``v1`` (Debian's 1.6, 1.x API) and ``v2`` (1.8 built from source, the 2.x API;
+    None where it cannot be built here)."""
+    from localservices import harness as services
+
+    got = services.up(("influxdb", "influxdb18"), progress=lambda m: None)
+    return {"v1": got["influxdb"], "v2": got.get("influxdb18")}
+
+
 @pytest.fixture
 def namespace(services_env: dict[str, str]) -> Iterator[dict[str, str]]:
     """Unique names so tests never see each other's topics, rows or consumer groups."""

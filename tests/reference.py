@@ -1,4 +1,5 @@
-"""The independent reference for aggregates: pandas ``resample('1min')`` over the on-time readings."""
+"""The independent reference for aggregates: pandas ``resample('1min')`` (or ``'1h'``) over the on-time
+readings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ FIELDS = ("count", "good_count", "min", "max", "mean", "sum", "first", "last", "
 
 def expected_aggregates(
     readings: Iterable[tuple[str, int, float, str]],
+    freq: str = "1min",
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """readings: (series, ts_ms, value, quality) → {(series, window_start_ms): fields}."""
     df = pd.DataFrame(list(readings), columns=["series", "ts", "value", "quality"])
@@ -20,10 +22,10 @@ def expected_aggregates(
     for series, g in df.groupby("series"):
         g = g.sort_values("ts", kind="stable")
         idx = pd.to_datetime(g["ts"], unit="ms")
-        counts = pd.Series(1, index=idx).resample("1min").sum()
+        counts = pd.Series(1, index=idx).resample(freq).sum()
         good = g[g["quality"] == "good"]
         gs = pd.Series(good["value"].to_numpy(), index=pd.to_datetime(good["ts"], unit="ms"))
-        r = gs.resample("1min")
+        r = gs.resample(freq)
         stats = pd.DataFrame(
             {
                 "good_count": r.count(),

@@ -1,9 +1,11 @@
 """Records to InfluxDB line protocol, one function per measurement (the sink's row mapping).
 
 Measurements are named like the PostgreSQL tables; tags ``site``, ``device``, ``point`` (and ``unit`` where
-known); the statistics are fields, nulls left out; the timestamp is the window start (``agg_1m``) or the
-reading's time (``readings``), in milliseconds. A point with the same measurement, tags and time overwrites
-the previous one, so replays are idempotent. Each function raises on a record that is not what it expects.
+known), or ``loop`` and ``kpi`` for ``kpi_results``; the statistics are fields, nulls left out; the timestamp
+is the window start (``agg_1m``, ``agg_1h``, ``kpi_results``) or the reading's time (``readings``), in
+milliseconds (the writer scales them to its precision). A point with the same measurement, tags and time
+overwrites the previous one, so replays are idempotent. Each function raises on a record that is not what
+it expects.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _tags(rec: dict[str, Any]) -> str:
     return out
 
 
-def aggregate_lines(a: dict[str, Any]) -> list[str]:
+def aggregate_lines(a: dict[str, Any], measurement: str = "agg_1m") -> list[str]:
     fields = [_int("count", a["count"]), _int("good_count", a["good_count"])]
     for f in STAT_FIELDS:
         v = _float(f, a.get(f))
@@ -61,7 +63,12 @@ def aggregate_lines(a: dict[str, Any]) -> list[str]:
     ts = a["window_start"]
     if isinstance(ts, bool) or not isinstance(ts, int):
         raise TypeError(f"window_start must be epoch ms, got {ts!r:.40}")
-    return [f"agg_1m,{_tags(a)} {','.join(fields)} {ts}"]
+    return [f"{measurement},{_tags(a)} {','.join(fields)} {ts}"]
+
+
+def hour_lines(h: dict[str, Any]) -> list[str]:
+    """An hourly rollup (:func:`connectors.influx.rollup.combine`) as an ``agg_1h`` point."""
+    return aggregate_lines(h, "agg_1h")
 
 
 def reading_lines(batch: dict[str, Any]) -> list[str]:
@@ -76,7 +83,32 @@ def reading_lines(batch: dict[str, Any]) -> list[str]:
     return out
 
 
+def kpi_lines(rec: dict[str, Any]) -> list[str]:
+    """A LoopKpi record: one point per KPI (long format, as the ``kpi_results`` table)."""
+    loop, ts, we, samples = tag(rec["loop"]), rec["window_start"], rec["window_end"], rec["samples"]
+    for name, v in (("window_start", ts), ("window_end", we)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be epoch ms, got {v!r:.40}")
+    common = [
+        _int("samples", samples),
+        _int("window_end", we),
+        f"closed_by={field_str(str(rec['closed_by']))}",
+    ]
+    out = []
+    for kpi, r in rec["kpis"].items():
+        fields = [f"status={field_str(str(r['status']))}"]
+        for f in ("value", "coverage", "horizon_s"):
+            v = _float(f, r.get(f))
+            if v is not None:
+                fields.append(v)
+        if r.get("reason") is not None:
+            fields.append(f"reason={field_str(str(r['reason']))}")
+        out.append(f"kpi_results,loop={loop},kpi={tag(kpi)} {','.join(fields + common)} {ts}")
+    return out
+
+
 LINES: dict[str, tuple[Callable[[Any], list[str]], str]] = {
     "agg_1m": (aggregate_lines, "aggregate"),
     "readings": (reading_lines, "ReadingBatch"),
+    "kpi_results": (kpi_lines, "LoopKpi"),
 }

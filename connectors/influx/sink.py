@@ -1,36 +1,41 @@
-"""The InfluxDB sink: the :class:`connectors.common.sink.SinkWriter` of ``type: influx`` (the 1.x HTTP API).
+"""The InfluxDB sink: the :class:`connectors.common.sink.SinkWriter` of ``type: influx`` (1.x or 2.x API).
 
-Points are written with ``POST /write?precision=ms`` in batches of at most ``batch_size`` lines and 4 MB.
+Points are written in batches of at most ``batch_size`` lines and 4 MB, with the precision of the topology.
 InfluxDB has no transactions, but a point with the same measurement, tags and time overwrites the previous
 one: a replayed batch rewrites the same points, so the sink stays idempotent without storing offsets, and the
 stage commits its input only after InfluxDB acknowledged the batch. Network errors, 429 and 5xx are retried
-with capped backoff; a 413 halves the batch; a 400 (a field-type conflict, say) halves it until the lines the
-server refuses are alone, and those go to the dead-letter topic with the server's message.
+with capped backoff; a 413 halves the batch; a 400/422 (a field-type conflict, say) halves it until the lines
+the server refuses are alone, and those go to the dead-letter topic with the server's message.
+
+After a batch of ``agg_1m`` points, the hours it touched are read back and their ``agg_1h`` points rewritten
+(:mod:`connectors.influx.rollup`), so a minute that changes late reaches its hour; a crash in between is
+repaired by the replay of the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from connectors.common.backoff import delays
 from connectors.common.sink import Entry, Refused, WriteResult
+from connectors.influx.api import SERIES_FILTER_MAX, InfluxError, SeriesKey, open_api
 from connectors.influx.config import InfluxSink
-from connectors.influx.lines import LINES
+from connectors.influx.lines import LINES, hour_lines
+from connectors.influx.rollup import HOUR_MS, combine, hour_of
 
 log = logging.getLogger("plantstream.influx")
 
 MAX_BODY = 4 * 2**20
+# Hours read back per query when a batch touched many (a replay of days).
+HOURS_PER_QUERY = 24
+SCALE = {"ms": "", "us": "000", "ns": "000000"}
 
-
-class InfluxError(RuntimeError):
-    """Trouble that is not about the points (auth, missing database): stops the worker."""
+__all__ = ["InfluxError", "InfluxSinkWriter"]
 
 
 class InfluxSinkWriter:
@@ -38,35 +43,16 @@ class InfluxSinkWriter:
 
     def __init__(self, cfg: InfluxSink) -> None:
         self.cfg = cfg
-        self.timeout = cfg.timeout / 1000
-
-    # -- HTTP ---------------------------------------------------------------------------------------
-    def _request(self, path: str, params: dict[str, str], body: bytes | None = None) -> tuple[int, str]:
-        url = f"{self.cfg.url}{path}?{urllib.parse.urlencode(params)}"
-        req = urllib.request.Request(url, data=body if body is not None else b"", method="POST")
-        if self.cfg.username is not None:
-            token = base64.b64encode(f"{self.cfg.username}:{self.cfg.password or ''}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, resp.read().decode(errors="replace")
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode(errors="replace")
-
-    def query(self, q: str) -> str:
-        status, text = self._request("/query", {"db": self.cfg.database, "q": q})
-        if status >= 300:
-            raise InfluxError(f"InfluxDB query failed: HTTP {status}: {text[:300]}")
-        return text
+        self.api = open_api(cfg)
+        self.scale = SCALE[cfg.precision]
 
     # -- the interface ------------------------------------------------------------------------------
     def deploy(self, tables: Sequence[str], say: Callable[[str], None]) -> dict[str, str]:
-        db = self.cfg.database
-        self.query(f'CREATE DATABASE "{db}"')
-        hours = f"{self.cfg.retention // 3_600_000}h" if self.cfg.retention else "INF"
-        self.query(f'ALTER RETENTION POLICY "autogen" ON "{db}" DURATION {hours} DEFAULT')
-        say(f"sink {self.cfg.id}: InfluxDB database {db} ready (retention {hours})")
-        return {t: "measurement" for t in tables}
+        self.api.deploy(say)
+        out = {t: "measurement" for t in tables}
+        if "agg_1m" in tables:
+            out["agg_1h"] = "measurement (rolled up by the sink)"
+        return out
 
     async def write(self, table: str, topic: str, entries: Sequence[Entry]) -> WriteResult:
         to_lines, kind = LINES[table]
@@ -95,11 +81,49 @@ class InfluxSinkWriter:
                 seen.add((e.partition, e.offset))
                 out.refused.append(Refused(e.partition, e.offset, e.source, reason))
         out.written = len(lines) - len(refused)
+        if table == "agg_1m":
+            bad = {(r.partition, r.offset) for r in out.refused}
+            written = [e.record for e in entries if (e.partition, e.offset) not in bad]
+            out.written += await asyncio.to_thread(self._roll_up, written)
         log.debug("%s: wrote %d points in %.3fs", table, out.written, time.perf_counter() - started)
         return out
 
     async def close(self) -> None:
-        return None
+        self.api.close()
+
+    # -- hourly rollup ------------------------------------------------------------------------------
+    def _roll_up(self, minutes: list[dict[str, Any]]) -> int:
+        """Rewrites the ``agg_1h`` points of the (series, hour) pairs these minutes belong to."""
+        touched: dict[int, set[SeriesKey]] = defaultdict(set)
+        for m in minutes:
+            touched[hour_of(m["window_start"])].add((m["site"], m["device"], m["point"]))
+        if not touched:
+            return 0
+        lines: list[str] = []
+        hours = sorted(touched)
+        i = 0
+        while i < len(hours):
+            j = i + 1  # a run of consecutive hours, at most HOURS_PER_QUERY long
+            while j < len(hours) and hours[j] == hours[j - 1] + HOUR_MS and j - i < HOURS_PER_QUERY:
+                j += 1
+            wanted = set().union(*(touched[h] for h in hours[i:j]))
+            names = sorted(wanted) if len(wanted) <= SERIES_FILTER_MAX else None
+            groups: dict[tuple[SeriesKey, int], list[dict[str, Any]]] = defaultdict(list)
+            for row in self.api.minutes(hours[i], hours[j - 1] + HOUR_MS, names):
+                key = (row["site"], row["device"], row["point"])
+                h = hour_of(row["window_start"])
+                if key in touched.get(h, ()):
+                    groups[(key, h)].append(row)
+            for rows in groups.values():
+                lines.extend(hour_lines(combine(rows)))
+            i = j
+        refused = self._write_all(lines)
+        for (
+            _,
+            reason,
+        ) in refused:  # computed from points InfluxDB accepted: a refusal here is a server problem
+            raise InfluxError(f"InfluxDB refused an hourly rollup point: {reason}")
+        return len(lines)
 
     # -- batches ------------------------------------------------------------------------------------
     def _write_all(self, lines: list[str]) -> list[tuple[int, str]]:
@@ -119,13 +143,10 @@ class InfluxSinkWriter:
 
     def _write(self, lines: list[str], start: int, end: int) -> list[tuple[int, str]]:
         """Lines ``start:end`` written, retrying what is temporary; returns the lines refused for good."""
-        body = "\n".join(lines[start:end]).encode()
+        body = "\n".join(line + self.scale for line in lines[start:end]).encode()
         backoff = delays(0.2, 10.0)
         while True:
-            try:
-                status, text = self._request("/write", {"db": self.cfg.database, "precision": "ms"}, body)
-            except (urllib.error.URLError, OSError) as e:
-                status, text = 0, str(e)
+            status, text = self.api.write(body)
             if status in (200, 204):
                 return []
             if status == 0 or status == 429 or status >= 500:
@@ -135,11 +156,9 @@ class InfluxSinkWriter:
                 )
                 time.sleep(delay)
                 continue
-            if status in (400, 413) and end - start > 1:
+            if status in (400, 413, 422) and end - start > 1:
                 mid = (start + end) // 2
                 return self._write(lines, start, mid) + self._write(lines, mid, end)
-            if status == 400:
+            if status in (400, 422):
                 return [(start, f"InfluxDB refused the point: {text.strip()[:300]}")]
-            raise InfluxError(
-                f"InfluxDB write failed: HTTP {status}: {text[:300]} (database {self.cfg.database})"
-            )
+            raise InfluxError(f"InfluxDB write failed: HTTP {status}: {text[:300]} ({self.api.where})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.influx.lines import aggregate_lines, reading_lines, tag
+from connectors.influx.lines import aggregate_lines, kpi_lines, reading_lines, tag
 from pipeline.topology import TopologyError, validate_data
 
 AGG = {
@@ -68,3 +68,81 @@ def test_the_topology_accepts_an_influx_sink_and_names_mistakes():
         )
     problems = "\n".join(e.value.problems)
     assert "sinks[0].url" in problems and "sinks[0].nope: unknown key" in problems
+
+
+def test_the_api_decides_which_fields_belong():
+    v2 = {"id": "i", "type": "influx", "api": "v2", "org": "-", "bucket": "db/rp", "token": "u:p"}
+    assert validate_data({"name": "t", "sinks": [v2]}).sinks[0].bucket == "db/rp"
+    with pytest.raises(TopologyError) as e:
+        validate_data({"name": "t", "sinks": [{**v2, "database": "x"}]})
+    assert "database belong(s) to api v1" in "\n".join(e.value.problems)
+    with pytest.raises(TopologyError) as e:
+        validate_data({"name": "t", "sinks": [{"id": "i", "type": "influx", "api": "v2", "org": "-"}]})
+    assert "api: v2 needs bucket, token" in "\n".join(e.value.problems)
+    with pytest.raises(TopologyError) as e:
+        validate_data({"name": "t", "sinks": [{"id": "i", "type": "influx", "token": "x"}]})
+    assert "token belong(s) to api v2" in "\n".join(e.value.problems)
+
+
+def test_kpi_lines_are_long_format_with_loop_and_kpi_tags():
+    rec = {
+        "loop": "FIC 101",
+        "window_start": 60_000,
+        "window_end": 120_000,
+        "samples": 60,
+        "closed_by": "watermark",
+        "kpis": {
+            "iae": {"value": 1.5, "status": "ok", "coverage": 1.0, "horizon_s": 60, "reason": None},
+            "harris": {
+                "value": None,
+                "status": "insufficient_data",
+                "coverage": 0.1,
+                "horizon_s": None,
+                "reason": 'too "few"',
+            },
+        },
+    }
+    iae, harris = kpi_lines(rec)
+    assert iae == (
+        r'kpi_results,loop=FIC\ 101,kpi=iae status="ok",value=1.5,coverage=1.0,horizon_s=60.0,'
+        'samples=60i,window_end=120000i,closed_by="watermark" 60000'
+    )
+    assert "value=" not in harris and r'reason="too \"few\""' in harris
+
+
+def test_hourly_combination_equals_pandas_over_the_readings():
+    import random
+
+    import pandas as pd
+
+    from connectors.influx.rollup import combine
+    from pipeline.stages.windows import MinuteAggregator
+
+    rng = random.Random(3)
+    t0 = 1_764_669_600_000
+    raw = [
+        (t0 + i * 5000 + rng.randint(0, 999), rng.gauss(20, 4), "bad" if rng.random() < 0.1 else "good")
+        for i in range(720)
+    ]
+    agg = MinuteAggregator(grace_ms=0)
+    closes = []
+    for off, (ts, v, q) in enumerate(raw):
+        batch = {
+            "v": 1,
+            "source": "t",
+            "site": "s",
+            "device": "d",
+            "readings": [{"point": "p", "ts": ts, "value": v, "quality": q}],
+        }
+        agg.apply(0, off, batch)
+        due = agg.due(0)
+        closes += due
+        agg.finish(0, off, due)
+    closes += agg.due(0, flush_all=True)
+    minutes = [c.aggregate for c in closes]
+    assert len(minutes) == 60
+    h = combine(minutes)
+    good = pd.Series([v for _, v, q in raw if q == "good"])
+    assert h["count"] == len(raw) and h["good_count"] == len(good)
+    assert h["mean"] == pytest.approx(good.mean(), rel=1e-12)
+    assert h["stddev"] == pytest.approx(good.std(ddof=1), rel=1e-9)
