@@ -83,8 +83,10 @@ class InfluxSinkWriter:
         out.written = len(lines) - len(refused)
         if table == "agg_1m":
             bad = {(r.partition, r.offset) for r in out.refused}
-            written = [e.record for e in entries if (e.partition, e.offset) not in bad]
-            out.written += await asyncio.to_thread(self._roll_up, written)
+            written = [e for e in entries if (e.partition, e.offset) not in bad]
+            n, hour_refused = await asyncio.to_thread(self._roll_up, written)
+            out.written += n
+            out.refused += hour_refused
         log.debug("%s: wrote %d points in %.3fs", table, out.written, time.perf_counter() - started)
         return out
 
@@ -92,14 +94,18 @@ class InfluxSinkWriter:
         self.api.close()
 
     # -- hourly rollup ------------------------------------------------------------------------------
-    def _roll_up(self, minutes: list[dict[str, Any]]) -> int:
-        """Rewrites the ``agg_1h`` points of the (series, hour) pairs these minutes belong to."""
-        touched: dict[int, set[SeriesKey]] = defaultdict(set)
-        for m in minutes:
-            touched[hour_of(m["window_start"])].add((m["site"], m["device"], m["point"]))
+    def _roll_up(self, minutes: list[Entry]) -> tuple[int, list[Refused]]:
+        """Rewrites the ``agg_1h`` points of the (series, hour) pairs these minutes belong to; an hour the
+        server refuses goes to the dead-letter topic under the offset of one of its minutes."""
+        touched: dict[int, dict[SeriesKey, Entry]] = defaultdict(dict)
+        for e in minutes:
+            m = e.record
+            touched[hour_of(m["window_start"])][(m["site"], m["device"], m["point"])] = e
         if not touched:
-            return 0
+            return 0, []
         lines: list[str] = []
+        owners: list[Entry] = []
+        refused: list[Refused] = []
         hours = sorted(touched)
         i = 0
         while i < len(hours):
@@ -112,18 +118,22 @@ class InfluxSinkWriter:
             for row in self.api.minutes(hours[i], hours[j - 1] + HOUR_MS, names):
                 key = (row["site"], row["device"], row["point"])
                 h = hour_of(row["window_start"])
-                if key in touched.get(h, ()):
+                if key in touched.get(h, {}):
                     groups[(key, h)].append(row)
-            for rows in groups.values():
-                lines.extend(hour_lines(combine(rows)))
+            for (key, h), rows in groups.items():
+                try:
+                    hour = hour_lines(combine(rows))
+                except (TypeError, ValueError, KeyError) as exc:  # points written by someone else
+                    e = touched[h][key]
+                    refused.append(Refused(e.partition, e.offset, e.source, f"agg_1h: {exc!r}"))
+                    continue
+                lines.extend(hour)
+                owners.extend(touched[h][key] for _ in hour)
             i = j
-        refused = self._write_all(lines)
-        for (
-            _,
-            reason,
-        ) in refused:  # computed from points InfluxDB accepted: a refusal here is a server problem
-            raise InfluxError(f"InfluxDB refused an hourly rollup point: {reason}")
-        return len(lines)
+        for k, reason in self._write_all(lines):
+            e = owners[k]
+            refused.append(Refused(e.partition, e.offset, lines[k], f"agg_1h: {reason}"))
+        return len(lines) - len(refused), refused
 
     # -- batches ------------------------------------------------------------------------------------
     def _write_all(self, lines: list[str]) -> list[tuple[int, str]]:

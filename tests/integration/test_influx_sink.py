@@ -1,14 +1,17 @@
 """The InfluxDB sink on the real InfluxDB 1.x beside the PostgreSQL sink, from the same input: both equal
-pandas; a field-type conflict sends the refused points to the DLQ with the server's message."""
+pandas; a field-type conflict sends the refused points to the DLQ with the server's message; an outage of
+60 s loses nothing and doubles nothing, and no input is committed while InfluxDB is away."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 import urllib.request
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from connectors.common.producer import TelemetryProducer
 from pipeline.deploy import deploy
@@ -134,3 +137,83 @@ def test_a_field_type_conflict_goes_to_the_dlq_with_the_servers_message(namespac
         assert all(json.loads(x["payload"])["series"] == "site/d1/a" for x in refused)
     finally:
         worker.stop()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [max(tp.offset, 0) for tp in got]  # nothing committed yet (an empty partition): 0
+    finally:
+        c.close()
+
+
+def ends(bootstrap: str, topic: str, partitions: int) -> list[int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ends", "enable.auto.commit": False})
+    try:
+        return [c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)]
+    finally:
+        c.close()
+
+
+def test_an_influxdb_outage_of_60_s_loses_nothing_and_doubles_nothing(namespace, influx):
+    from localservices import harness as services
+
+    ns = namespace
+    url, db = influx
+    topo = topology(ns, url, db)
+    deploy(topo, say=lambda m: None)
+    start = minute_now() - 600_000
+    before = [series_of("d1", start, 120), series_of("d2", start, 120, points="xyz")]
+    during = [series_of("d1", start + 120_000, 120), series_of("d2", start + 120_000, 120, points="xyz")]
+    producer = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
+    for b in interleave(*before):
+        send(producer, b, per=len(b))
+    assert producer.flush(30) == 0
+    app = f"out-{ns['tag']}"
+    worker = build_worker(topo, app)
+    worker.start()
+    group = f"{app}-sink-ifx-readings"
+    try:
+        n_before = sum(len(s) for s in before)
+        wait_for(lambda: n_readings(url, db) >= n_before, 60, "the first readings in InfluxDB")
+        highs = ends(topo.broker.bootstrap, topo.raw_topic, 2)
+        wait_for(
+            lambda: committed(topo.broker.bootstrap, group, topo.raw_topic, 2) == highs, 30, "the commit"
+        )
+        services.down(("influxdb",), progress=lambda m: None)
+        outage_start = time.monotonic()
+        for b in interleave(*during):
+            send(producer, b, per=len(b))
+        assert producer.flush(30) == 0
+        assert sum(ends(topo.broker.bootstrap, topo.raw_topic, 2)) > sum(highs)
+        wait_for(lambda: time.monotonic() - outage_start >= 60, 70, "60 s of outage", interval=1)
+        # Nothing acknowledged, nothing committed: a crash now would read the same input again.
+        assert committed(topo.broker.bootstrap, group, topo.raw_topic, 2) == highs
+        assert worker.alive()
+        services.up(("influxdb",), progress=lambda m: None)
+        everything = [r for s in before + during for r in s]
+        expected = expected_aggregates(everything)
+        wait_for(lambda: n_readings(url, db) >= len(everything), 120, f"{len(everything)} readings")
+        wait_for(lambda: len(influx_aggs(url, db)) >= len(expected), 120, f"{len(expected)} minutes")
+        assert n_readings(url, db) == len(everything)
+        assert compare(influx_aggs(url, db), expected) == []
+        wait_for(
+            lambda: (
+                committed(topo.broker.bootstrap, group, topo.raw_topic, 2)
+                == ends(topo.broker.bootstrap, topo.raw_topic, 2)
+            ),
+            30,
+            "the commit after the outage",
+        )
+    finally:
+        services.up(("influxdb",), progress=lambda m: None)
+        worker.stop()
+
+
+def n_readings(url: str, db: str) -> int:
+    try:
+        res = q(url, db, "SELECT count(value) FROM readings")["results"][0]
+    except OSError:
+        return 0
+    return int(res["series"][0]["values"][0][1]) if res.get("series") else 0
