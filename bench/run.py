@@ -73,7 +73,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench import protocols
+from bench import protocols, sinks
 from bench.proc import cpu_seconds, peak_rss_mb
 from localservices import harness as services
 from pipeline.core import codec
@@ -850,7 +850,13 @@ DEFAULT_SCENARIOS = ("kafka", "live", "mqtt", "mqtt-rate")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runners = {"kafka": run_kafka, "live": run_live, "mqtt": run_mqtt, **protocols.RUNNERS}
+    runners: dict[str, Callable[..., Any]] = {
+        "kafka": run_kafka,
+        "live": run_live,
+        "mqtt": run_mqtt,
+        **protocols.RUNNERS,
+        **sinks.RUNNERS,
+    }
     ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=", ".join(runners))
     ap.add_argument("--series", type=int_list, default=[1000, 10_000, 100_000], help="comma list")
     ap.add_argument(
@@ -875,6 +881,7 @@ def main() -> None:
         help="run the worker from this other checkout of the project (compare versions in one session)",
     )
     protocols.add_arguments(ap)
+    sinks.add_arguments(ap)
     args = ap.parse_args()
     global WORKER_SRC
     WORKER_SRC = Path(args.worker_src).resolve() if args.worker_src else None
@@ -932,15 +939,19 @@ def main() -> None:
                         **{**vars(args), "series": series or args.series[0], "readings": readings}
                     )
                     a.workers = workers
+                    a.rep_index = rep
                     what = ""
                     if series:
                         what = f": {readings:,} readings, {series:,} series"
                         what += f", {workers} worker(s)" if scenario == "kafka" else ""
                     console.print(f"[dim]… {scenario} run {rep + 1}/{args.reps}{what}[/]")
-                    r = runners[scenario](a, env, logs)
-                    r["rep"] = rep + 1
-                    console.print(describe(r))
-                    runs.append(r)
+                    got = runners[scenario](a, env, logs)
+                    for r in got if isinstance(got, list) else [got]:
+                        r["rep"] = rep + 1
+                        if isinstance(got, list):
+                            console.print(f"  [dim]{r['scenario']}[/]")
+                        console.print(describe(r))
+                        runs.append(r)
                     save()
     console.print(summary_table(save()))
     console.print(f"results written to {path.relative_to(ROOT)}")

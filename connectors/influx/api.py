@@ -43,6 +43,10 @@ class Api(Protocol):
 
     def deploy(self, say: Callable[[str], None]) -> None: ...
 
+    def count(self, measurement: str, field: str) -> int:
+        """How many points of ``measurement`` have ``field`` (for checks and the bench)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -119,6 +123,10 @@ class V1Api:
                 row["window_start"] = int(row.pop("time"))
                 rows.append(row)
         return rows
+
+    def count(self, measurement: str, field: str) -> int:
+        series = self.query(f'SELECT count("{field}") FROM "{self.rp}"."{measurement}"')
+        return int(series[0]["values"][0][1]) if series else 0
 
     def deploy(self, say: Callable[[str], None]) -> None:
         db, rp = self.database, self.rp
@@ -199,6 +207,15 @@ class V2Api:
             row["window_start"] = round(t.timestamp() * 1000)
             rows.append(row)
         return rows
+
+    def count(self, measurement: str, field: str) -> int:
+        rows = self._flux(
+            f"from(bucket: {_flux_str(self.bucket)}) |> range(start: 0)"
+            f" |> filter(fn: (r) => r._measurement == {_flux_str(measurement)})"
+            f" |> filter(fn: (r) => r._field == {_flux_str(field)})"
+            " |> group() |> count()"
+        )
+        return int(rows[0]["_value"]) if rows else 0
 
     def deploy(self, say: Callable[[str], None]) -> None:
         from influxdb_client.domain.bucket_retention_rules import BucketRetentionRules
