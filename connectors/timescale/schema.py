@@ -10,8 +10,8 @@ plain table: a few rows a day, kept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import sql
@@ -226,16 +226,29 @@ def create_schema(
                 conn.execute(partition_ddl(schema, table, month_bounds(now)[1]))
             out[table] = "hypertable" if ts else "partitioned"
         if "agg_1m" in tables:
-            create_agg_1h(conn, schema)
+            create_agg_1h(conn, schema, hypertable=is_hypertable(conn, schema, "agg_1m"))
         conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
     return out
 
 
-# Hourly rollups of agg_1m, the same on every backend: a view, so a minute rewritten late (a replay, a late
-# window) reaches its hour at once. Counts add up; mean is sum / good_count (the count-weighted mean of the
-# minutes); first/last come from the earliest/latest minute with good readings; the variance combines the
-# minutes' variances and their means' spread (Chan et al.'s parallel formula), so stddev equals the sample
-# standard deviation of the hour's good readings.
+def is_hypertable(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    try:
+        row = conn.execute(
+            "SELECT 1 FROM timescaledb_information.hypertables "
+            "WHERE hypertable_schema = %s AND hypertable_name = %s",
+            (schema, table),
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:  # no TimescaleDB in this database
+        return False
+    return row is not None
+
+
+# Hourly rollups of agg_1m, the same columns and meaning on every backend. Counts add up; mean is
+# sum / good_count (the count-weighted mean of the minutes); first/last come from the earliest/latest minute
+# with good readings; the variance combines the minutes' variances and their means' spread (Chan et al.'s
+# parallel formula), so stddev equals the sample standard deviation of the hour's good readings.
+#
+# Plain PostgreSQL: a view, so a minute rewritten late (a replay, a late window) is in its hour at once.
 AGG_1H = """
 CREATE VIEW {schema}.agg_1h AS
 WITH m AS (
@@ -260,23 +273,96 @@ FROM m
 GROUP BY hour, series
 """
 
+# TimescaleDB: a real-time continuous aggregate (materialized hours plus the newest minutes computed on read)
+# with a refresh policy, and the agg_1h view on top of it. A continuous aggregate allows no window
+# functions, so it keeps the sums from which the view derives mean and variance: q = Σ((n-1)s² + n·m²) per
+# hour, variance = (q - S²/N) / (N - 1). The sink refreshes the hours of minutes it rewrites below the
+# policy's horizon, so a late minute reaches a materialized hour at once (the policy would, within 10 min).
+AGG_1H_ROLLUP = """
+CREATE MATERIALIZED VIEW {schema}.agg_1h_rollup
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT time_bucket(interval '1 hour', bucket) AS bucket, series, min(site) AS site, min(device) AS device,
+       min(point) AS point, sum(count)::bigint AS count, sum(good_count)::bigint AS good_count,
+       min(min) AS min, max(max) AS max, sum(sum) AS s,
+       sum(coalesce(stddev * stddev * (good_count - 1), 0) + good_count * mean * mean)
+           FILTER (WHERE mean IS NOT NULL) AS q,
+       first(first, bucket) FILTER (WHERE good_count > 0) AS first,
+       last(last, bucket) FILTER (WHERE good_count > 0) AS last,
+       min(unit) AS unit
+FROM {schema}.agg_1m
+GROUP BY 1, series
+WITH NO DATA
+"""
+AGG_1H_OVER_ROLLUP = """
+CREATE VIEW {schema}.agg_1h AS
+SELECT bucket, series, site, device, point, count, good_count, min, max,
+       s / NULLIF(good_count, 0) AS mean,
+       CASE WHEN good_count > 0 THEN s END AS sum,
+       first, last,
+       CASE WHEN good_count >= 2 THEN sqrt(greatest(0, (q - s * s / good_count) / (good_count - 1))) END
+           AS stddev,
+       unit, bucket + interval '1 hour' AS window_end
+FROM {schema}.agg_1h_rollup
+"""
+ROLLUP_HORIZON = "1 hour"  # the policy materializes hours that ended at least this long ago
 
-def create_agg_1h(conn: psycopg.Connection, schema: str) -> None:
-    """The agg_1h view; an older continuous aggregate of that name (fewer columns) is replaced."""
+
+def create_agg_1h(conn: psycopg.Connection, schema: str, hypertable: bool = False) -> None:
+    """The agg_1h view (over the continuous aggregate where agg_1m is a hypertable); an older form of it is
+    replaced."""
     row = conn.execute(
         "SELECT pg_get_viewdef(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = %s AND c.relname = 'agg_1h'",
         (schema,),
     ).fetchone()
-    if row is not None and "hour_mean" in (row[0] or ""):
+    marker = "agg_1h_rollup" if hypertable else "hour_mean"
+    if row is not None and marker in (row[0] or ""):
         return
     ident = sql.Identifier(schema)
-    if row is not None:  # a continuous aggregate (TimescaleDB's own DROP), else a plain view
+    if row is not None:  # a continuous aggregate of that name (TimescaleDB's own DROP), else a plain view
         try:
             conn.execute(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}.agg_1h CASCADE").format(ident))
         except psycopg.Error:
             conn.execute(sql.SQL("DROP VIEW IF EXISTS {}.agg_1h CASCADE").format(ident))
-    conn.execute(sql.SQL(AGG_1H.format(schema="{schema}")).format(schema=ident))
+    if not hypertable:
+        conn.execute(sql.SQL(AGG_1H.format(schema="{schema}")).format(schema=ident))
+        return
+    if not _exists(conn, schema, "agg_1h_rollup"):
+        conn.execute(sql.SQL(AGG_1H_ROLLUP.format(schema="{schema}")).format(schema=ident))
+    conn.execute(
+        "SELECT add_continuous_aggregate_policy(%s, start_offset => NULL, end_offset => %s::interval, "
+        "schedule_interval => interval '10 minutes', if_not_exists => true)",
+        (f"{schema}.agg_1h_rollup", ROLLUP_HORIZON),
+    )
+    conn.execute(sql.SQL(AGG_1H_OVER_ROLLUP.format(schema="{schema}")).format(schema=ident))
+
+
+def _watermark(conn: psycopg.Connection, schema: str) -> datetime | None:
+    """Where the continuous aggregate's materialized part ends (None when TimescaleDB will not say)."""
+    try:
+        row = conn.execute(
+            "SELECT _timescaledb_functions.to_timestamp(_timescaledb_functions.cagg_watermark("
+            "mat_hypertable_id)) FROM _timescaledb_catalog.continuous_agg "
+            "WHERE user_view_schema = %s AND user_view_name = 'agg_1h_rollup'",
+            (schema,),
+        ).fetchone()
+    except psycopg.Error:
+        return None
+    return row[0] if row and isinstance(row[0], datetime) else None
+
+
+def refresh_hours(dsn: str, schema: str, hours: Sequence[datetime]) -> None:
+    """Materialize again the hours of minutes rewritten below the policy's horizon (outside a transaction,
+    as TimescaleDB requires); what fails here the policy repairs later, from its invalidation log."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        horizon = _watermark(conn, schema) or datetime.now(UTC) - timedelta(hours=1)
+        old = sorted(h for h in hours if h < horizon)  # newer hours are computed on read
+        if not old:
+            return
+        conn.execute(
+            "CALL refresh_continuous_aggregate(%s, %s, %s)",
+            (f"{schema}.agg_1h_rollup", old[0], old[-1] + timedelta(hours=1)),
+        )
 
 
 def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older_than: datetime) -> list[str]:

@@ -13,9 +13,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import psycopg
+
 from connectors.common.sink import Entry, Refused, WriteResult
 from connectors.timescale.rows import ROWS
-from connectors.timescale.schema import create_schema, enforce_retention
+from connectors.timescale.schema import create_schema, enforce_retention, refresh_hours
 from connectors.timescale.writer import PostgresWriter, Record
 
 log = logging.getLogger("plantstream.postgres")
@@ -57,6 +59,7 @@ class PostgresSinkWriter:
         self.writer = PostgresWriter(dsn, schema, consumer=consumer)
         self._retention_due = 0.0  # monotonic time of the next retention pass
         self._written_tables: set[str] = set()
+        self._rollup: bool | None = None  # agg_1h is a continuous aggregate here (found on first write)
 
     def deploy(self, tables: Sequence[str], say: Callable[[str], None]) -> dict[str, str]:
         retention = self.retention
@@ -95,10 +98,23 @@ class PostgresSinkWriter:
                     seen.add((rec.partition, rec.offset))
                     out.refused.append(Refused(rec.partition, rec.offset, rec.source, reason))
         self._written_tables.add(table)
+        if table == "agg_1m" and records and await asyncio.to_thread(self._has_rollup):
+            hours = {r.row[0].replace(minute=0, second=0, microsecond=0) for r in records}
+            try:
+                await asyncio.to_thread(refresh_hours, self.dsn, self.schema, sorted(hours))
+            except psycopg.Error as e:
+                log.warning("agg_1h: refreshing %d hour(s) failed (%s); the policy will", len(hours), e)
         if self.retention and time.monotonic() >= self._retention_due:
             self._retention_due = time.monotonic() + RETENTION_EVERY_S
             await asyncio.to_thread(self._retain, tuple(sorted(self._written_tables)))
         return out
+
+    def _has_rollup(self) -> bool:
+        if self._rollup is None:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.agg_1h_rollup",)).fetchone()
+            self._rollup = bool(row and row[0])
+        return self._rollup
 
     async def close(self) -> None:
         await self.writer.close()

@@ -148,9 +148,70 @@ def test_timescaledb_policies_follow_the_topology(namespace):
         return out
 
     create_schema(dsn, schema, ("agg_1m", "readings"), retention_days=30)
-    assert jobs() == {t: {"policy_compression", "policy_retention"} for t in ("agg_1m", "readings")}
+    refresh = {"agg_1h_rollup": {"policy_refresh_continuous_aggregate"}}
+    assert jobs() == {
+        **{t: {"policy_compression", "policy_retention"} for t in ("agg_1m", "readings")},
+        **refresh,
+    }
     create_schema(dsn, schema, ("agg_1m", "readings"), retention_days=None)  # retention removed again
-    assert jobs() == {t: {"policy_compression"} for t in ("agg_1m", "readings")}
+    assert jobs() == {**{t: {"policy_compression"} for t in ("agg_1m", "readings")}, **refresh}
+
+
+def test_timescaledb_agg_1h_is_materialized_and_a_late_minute_reaches_its_hour(namespace):
+    """agg_1h over a continuous aggregate: rows after the refresh; a minute rewritten later (a late window,
+    a correction) is in its materialized hour as soon as the sink has written it."""
+    from connectors.common.sink import Entry
+    from connectors.influx.rollup import combine
+    from connectors.timescale.sink import PostgresSinkWriter
+
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    ok, why = timescale_status(dsn)
+    if not ok:
+        pytest.skip(f"TimescaleDB is not available on this machine: {why}")
+    w = PostgresSinkWriter("pg", dsn, schema, None, "t")
+    assert w.deploy(["agg_1m"], lambda m: None)["agg_1m"] == "hypertable"
+    minutes = {
+        ws: agg("s/d/p", ws, 10.0 + (ws - T0) / 60_000 % 7, count=3 + (ws - T0) // 60_000 % 4)
+        for ws in range(T0, T0 + 3 * 3_600_000, 60_000)
+    }
+    entries = [Entry(0, i, a) for i, a in enumerate(minutes.values())]
+    asyncio.run(w.write("agg_1m", "topic", entries))
+
+    def hours() -> dict:
+        with psycopg.connect(dsn) as conn:
+            got = conn.execute(
+                "SELECT bucket, count, good_count, min, max, mean, sum, first, last, stddev "
+                f'FROM "{schema}".agg_1h'
+            ).fetchall()
+        return {int(r[0].timestamp() * 1000): r[1:] for r in got}
+
+    def expected() -> dict:
+        out = {}
+        for h in range(T0, T0 + 3 * 3_600_000, 3_600_000):
+            c = combine([m for ws, m in minutes.items() if h <= ws < h + 3_600_000])
+            out[h] = tuple(
+                c[f] for f in ("count", "good_count", "min", "max", "mean", "sum", "first", "last")
+            )
+            out[h] += (c["stddev"],)
+        return out
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CALL refresh_continuous_aggregate('{schema}.agg_1h_rollup', NULL, NULL)")
+        mat = conn.execute(
+            "SELECT materialization_hypertable_schema, materialization_hypertable_name "
+            "FROM timescaledb_information.continuous_aggregates WHERE view_schema = %s",
+            (schema,),
+        ).fetchone()
+        assert mat is not None
+        assert conn.execute(f'SELECT count(*) FROM "{mat[0]}"."{mat[1]}"').fetchone()[0] == 3
+    for h, row in expected().items():
+        assert hours()[h] == pytest.approx(row, rel=1e-12)
+    late = T0 + 3_600_000 + 17 * 60_000
+    minutes[late] = agg("s/d/p", late, 99.0, count=9)
+    asyncio.run(w.write("agg_1m", "topic", [Entry(0, len(entries), minutes[late])]))
+    assert hours()[T0 + 3_600_000] == pytest.approx(expected()[T0 + 3_600_000], rel=1e-12)
+    assert hours()[T0 + 3_600_000][3] == 100.0  # the new minute's max
+    asyncio.run(w.close())
 
 
 def test_agg_1h_equals_pandas_hourly_on_every_backend(namespace, backend):
