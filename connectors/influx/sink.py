@@ -7,9 +7,9 @@ stage commits its input only after InfluxDB acknowledged the batch. Network erro
 with capped backoff; a 413 halves the batch; a 400/422 (a field-type conflict, say) halves it until the lines
 the server refuses are alone, and those go to the dead-letter topic with the server's message.
 
-After a batch of ``agg_1m`` points, the hours it touched are read back and their ``agg_1h`` points rewritten
-(:mod:`connectors.influx.rollup`), so a minute that changes late reaches its hour; a crash in between is
-repaired by the replay of the batch.
+After a batch of ``agg_1m`` points, the ``agg_1h`` points of the hours it touched are rewritten
+(:mod:`connectors.influx.rollup`; hours not in memory are read back first), so a minute that changes late
+reaches its hour; a crash in between is repaired by the replay of the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from connectors.common.sink import Entry, Refused, WriteResult
 from connectors.influx.api import SERIES_FILTER_MAX, InfluxError, SeriesKey, open_api
 from connectors.influx.config import InfluxSink
 from connectors.influx.lines import LINES, hour_lines
-from connectors.influx.rollup import HOUR_MS, combine, hour_of
+from connectors.influx.rollup import HOUR_MS, Hour, hour_from, hour_of
 
 log = logging.getLogger("plantstream.influx")
 
@@ -34,6 +34,8 @@ MAX_BODY = 4 * 2**20
 # Hours read back per query when a batch touched many (a replay of days).
 HOURS_PER_QUERY = 24
 SCALE = {"ms": "", "us": "000", "ns": "000000"}
+KEEP_HOURS = 2  # hours kept in memory behind the newest one of a partition
+MAX_HOURS = 200_000  # (series, hour) pairs in memory, at most (about 40 MB)
 
 __all__ = ["InfluxError", "InfluxSinkWriter"]
 
@@ -45,6 +47,8 @@ class InfluxSinkWriter:
         self.cfg = cfg
         self.api = open_api(cfg)
         self.scale = SCALE[cfg.precision]
+        # input partition -> (series, hour) -> the hour combined so far (see _roll_up)
+        self.hours: dict[int, dict[tuple[SeriesKey, int], Hour]] = {}
 
     # -- the interface ------------------------------------------------------------------------------
     def deploy(self, tables: Sequence[str], say: Callable[[str], None]) -> dict[str, str]:
@@ -94,46 +98,83 @@ class InfluxSinkWriter:
         self.api.close()
 
     # -- hourly rollup ------------------------------------------------------------------------------
+    def forget(self, partitions: Sequence[int]) -> None:
+        """Partitions assigned or taken away: what this writer knows of their hours may be stale."""
+        for p in partitions:
+            self.hours.pop(p, None)
+
     def _roll_up(self, minutes: list[Entry]) -> tuple[int, list[Refused]]:
         """Rewrites the ``agg_1h`` points of the (series, hour) pairs these minutes belong to; an hour the
-        server refuses goes to the dead-letter topic under the offset of one of its minutes."""
-        touched: dict[int, dict[SeriesKey, Entry]] = defaultdict(dict)
+        server refuses goes to the dead-letter topic under the offset of one of its minutes.
+
+        Hours this writer has seen are combined in memory, per input partition (a series always arrives on
+        the same one); an hour it does not know, or whose minute arrives a second time (a replay, a late
+        change), is read back from the database after the minutes were written."""
+        dirty: dict[tuple[SeriesKey, int], tuple[int, Entry]] = {}
+        missing: dict[int, dict[SeriesKey, int]] = defaultdict(dict)  # hour -> series -> partition
         for e in minutes:
             m = e.record
-            touched[hour_of(m["window_start"])][(m["site"], m["device"], m["point"])] = e
-        if not touched:
+            key: SeriesKey = (m["site"], m["device"], m["point"])
+            h0 = hour_of(m["window_start"])
+            cache = self.hours.setdefault(e.partition, {})
+            known = cache.get((key, h0))
+            if known is None or not known.add(m):
+                cache.pop((key, h0), None)
+                missing[h0][key] = e.partition
+            dirty[(key, h0)] = (e.partition, e)
+        if not dirty:
             return 0, []
+        self._read_back(missing)
         lines: list[str] = []
         owners: list[Entry] = []
         refused: list[Refused] = []
-        hours = sorted(touched)
+        for (key, h0), (p, e) in dirty.items():
+            hour = self.hours.get(p, {}).get((key, h0))
+            if hour is None:  # read back nothing: the minutes were refused
+                continue
+            try:
+                ls = hour_lines(hour.fields())
+            except (TypeError, ValueError, KeyError) as exc:  # points written by someone else
+                refused.append(Refused(e.partition, e.offset, e.source, f"agg_1h: {exc!r}"))
+                continue
+            lines.extend(ls)
+            owners.extend(e for _ in ls)
+        for k, reason in self._write_all(lines):
+            e = owners[k]
+            refused.append(Refused(e.partition, e.offset, lines[k], f"agg_1h: {reason}"))
+        self._trim()
+        return len(lines) - len(refused), refused
+
+    def _read_back(self, missing: dict[int, dict[SeriesKey, int]]) -> None:
+        hours = sorted(missing)
         i = 0
         while i < len(hours):
             j = i + 1  # a run of consecutive hours, at most HOURS_PER_QUERY long
             while j < len(hours) and hours[j] == hours[j - 1] + HOUR_MS and j - i < HOURS_PER_QUERY:
                 j += 1
-            wanted = set().union(*(touched[h] for h in hours[i:j]))
+            wanted = set().union(*(missing[h] for h in hours[i:j]))
             names = sorted(wanted) if len(wanted) <= SERIES_FILTER_MAX else None
             groups: dict[tuple[SeriesKey, int], list[dict[str, Any]]] = defaultdict(list)
             for row in self.api.minutes(hours[i], hours[j - 1] + HOUR_MS, names):
                 key = (row["site"], row["device"], row["point"])
-                h = hour_of(row["window_start"])
-                if key in touched.get(h, {}):
-                    groups[(key, h)].append(row)
-            for (key, h), rows in groups.items():
-                try:
-                    hour = hour_lines(combine(rows))
-                except (TypeError, ValueError, KeyError) as exc:  # points written by someone else
-                    e = touched[h][key]
-                    refused.append(Refused(e.partition, e.offset, e.source, f"agg_1h: {exc!r}"))
-                    continue
-                lines.extend(hour)
-                owners.extend(touched[h][key] for _ in hour)
+                h0 = hour_of(row["window_start"])
+                if key in missing.get(h0, {}):
+                    groups[(key, h0)].append(row)
+            for (key, h0), rows in groups.items():
+                self.hours.setdefault(missing[h0][key], {})[(key, h0)] = hour_from(rows)
             i = j
-        for k, reason in self._write_all(lines):
-            e = owners[k]
-            refused.append(Refused(e.partition, e.offset, lines[k], f"agg_1h: {reason}"))
-        return len(lines) - len(refused), refused
+
+    def _trim(self) -> None:
+        """Keeps the hours of the last few hours of event time per partition, and at most MAX_HOURS."""
+        total = 0
+        for cache in self.hours.values():
+            if cache:
+                newest = max(h for _, h in cache)
+                for k in [k for k in cache if k[1] < newest - KEEP_HOURS * HOUR_MS]:
+                    del cache[k]
+            total += len(cache)
+        if total > MAX_HOURS:
+            self.hours.clear()  # rare (very many series): read back again rather than grow
 
     # -- batches ------------------------------------------------------------------------------------
     def _write_all(self, lines: list[str]) -> list[tuple[int, str]]:

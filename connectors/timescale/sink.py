@@ -116,5 +116,8 @@ class PostgresSinkWriter:
             self._rollup = bool(row and row[0])
         return self._rollup
 
+    def forget(self, partitions: Sequence[int]) -> None:
+        return None  # nothing kept in memory per partition
+
     async def close(self) -> None:
         await self.writer.close()

@@ -74,6 +74,12 @@ class SinkStep(Step):
         self.decode = TABLES[table][1]
         self.loop = asyncio.new_event_loop()
 
+    def assigned(self, partitions: list[int]) -> None:
+        self.writer.forget(partitions)
+
+    def revoked(self, partitions: list[int]) -> None:
+        self.writer.forget(partitions)
+
     def process(self, msgs: list[Message]) -> None:
         entries: list[Entry] = []
         for m in msgs:

@@ -146,3 +146,42 @@ def test_hourly_combination_equals_pandas_over_the_readings():
     assert h["count"] == len(raw) and h["good_count"] == len(good)
     assert h["mean"] == pytest.approx(good.mean(), rel=1e-12)
     assert h["stddev"] == pytest.approx(good.std(ddof=1), rel=1e-9)
+
+
+def test_an_hour_combined_minute_by_minute_equals_the_hour_read_back():
+    import random
+
+    from connectors.influx.rollup import combine, hour_from
+
+    rng = random.Random(8)
+    t0 = 1_764_669_600_000
+    minutes = []
+    for i in range(60):
+        g = rng.choice([0, 1, 2, 5, 30])
+        mean = rng.gauss(1000, 3) if g else None
+        m = {
+            "site": "s",
+            "device": "d",
+            "point": "p",
+            "window_start": t0 + i * 60_000,
+            "count": g + rng.randint(0, 2),
+            "good_count": g,
+            "mean": mean,
+            "sum": mean * g if g else None,
+            "min": mean - 1 if g else None,
+            "max": mean + 1 if g else None,
+            "first": mean - 0.5 if g else None,
+            "last": mean + 0.5 if g else None,
+            "stddev": abs(rng.gauss(2, 1)) if g >= 2 else None,
+        }
+        minutes.append(m)
+    rng.shuffle(minutes)
+    h = hour_from(minutes[:1])
+    for m in minutes[1:]:
+        assert h.add(m)
+    assert not h.add(minutes[7])  # a minute seen before: the writer reads the hour back instead
+    want, got = combine(minutes), h.fields()
+    for f in ("count", "good_count", "min", "max", "first", "last"):
+        assert got[f] == want[f], f
+    for f in ("mean", "sum", "stddev"):
+        assert got[f] == pytest.approx(want[f], rel=1e-9), f
