@@ -29,6 +29,7 @@ Scenarios (``--scenarios``, default ``kafka,mqtt``; each run ``--reps`` times, m
   through the MQTT connector into Kafka, the worker and PostgreSQL, all running at once. Measures the whole
   path: readings/s from the first publish to the last row committed. Runs once per series count.
 * the field protocol scenarios of ``bench/protocols.py`` (``opcua``, ``bacnet``, ...), on request.
+* ``sinks`` (``bench/sinks.py``): aggregates/s and readings/s into each database sink, on request.
 
 Every run gets its own topics, consumer group and schema, removed afterwards. Results print as a table and
 are written as JSON (parameters, machine, every run, summary) to ``bench/results/`` after every run; worker
