@@ -29,6 +29,11 @@ services_app = typer.Typer(
     "(default: ~/.local/state/plantstream).",
 )
 app.add_typer(services_app, name="services")
+alerts_app = typer.Typer(
+    help="Alarm instances: list their state; ack, shelve, unshelve, suppress, release, disable, enable.",
+    no_args_is_help=True,
+)
+app.add_typer(alerts_app, name="alerts")
 console = Console(stderr=True)
 out = Console()
 
@@ -335,6 +340,112 @@ def relinquish(
 ) -> None:
     """Relinquish a BACnet point's command at a priority (write null there)."""
     _command(topology or _default_topology(), point, None, priority, by, wait)
+
+
+InstanceArg = Annotated[str, typer.Argument(help="alarm instance rule/site/device/point (or rule/loop)")]
+CommentOpt = Annotated[str | None, typer.Option("--comment", help="why (kept in the alarm's journal)")]
+
+
+def _alert(
+    topology: Path | None, instance: str, action: str, by: str | None, comment: str | None, **kw: Any
+) -> None:
+    from confluent_kafka import KafkaException
+
+    from pipeline.control import send_alert_command
+
+    topo = _load(topology or _default_topology())
+    if not topo.alerts.rules:
+        console.print(f"[bold red]{topology or _default_topology()} has no alert rules[/]")
+        raise typer.Exit(2)
+    rule = instance.split("/", 1)[0]
+    if rule not in {r.id for r in topo.alerts.rules}:
+        console.print(f"[bold red]no rule {rule!r}[/]; rules: {', '.join(r.id for r in topo.alerts.rules)}")
+        raise typer.Exit(2)
+    who = by or f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
+    try:
+        cmd = send_alert_command(topo, instance, action, who, comment, **kw)
+    except KafkaException as e:
+        console.print(f"[bold red]not sent:[/] {e.args[0].str() if e.args else e}")
+        raise typer.Exit(2) from None
+    out.print(f"sent {action} {instance} ({cmd['id']}); the worker applies it once")
+
+
+def _alert_command(action: str, doc: str) -> None:
+    def command(
+        instance: InstanceArg, topology: TopologyOpt = None, by: ByOpt = None, comment: CommentOpt = None
+    ) -> None:
+        _alert(topology, instance, action, by, comment)
+
+    command.__doc__ = doc
+    alerts_app.command(action)(command)
+
+
+for _action, _doc in (
+    ("ack", "Acknowledge an alarm (unack -> acked, returned-unacknowledged -> normal)."),
+    ("unshelve", "End a shelve before its time."),
+    ("suppress", "Suppress by design: transitions are recorded, not annunciated."),
+    ("release", "End a suppression."),
+    ("disable", "Take the alarm out of service."),
+    ("enable", "Return it to service."),
+):
+    _alert_command(_action, _doc)
+
+
+@alerts_app.command("shelve")
+def alerts_shelve(
+    instance: InstanceArg,
+    duration: Annotated[str, typer.Argument(help="how long, e.g. 30m, 8h")],
+    topology: TopologyOpt = None,
+    by: ByOpt = None,
+    comment: CommentOpt = None,
+) -> None:
+    """Shelve an alarm for a time: recorded, not annunciated; it ends by itself."""
+    from pipeline.core.durations import parse_duration_ms
+
+    try:
+        ms = parse_duration_ms(duration)
+    except ValueError as e:
+        console.print(f"[bold red]{e}[/]")
+        raise typer.Exit(2) from None
+    _alert(topology, instance, "shelve", by, comment, duration_ms=ms)
+
+
+@alerts_app.command("list")
+def alerts_list(
+    topology: TopologyOpt = None,
+    all_: Annotated[bool, typer.Option("--all", help="also the instances in normal state")] = False,
+) -> None:
+    """The alarm instances and their state (from alerts.state)."""
+    from confluent_kafka import KafkaException
+
+    from pipeline.control import alert_states
+
+    topo = _load(topology or _default_topology())
+    try:
+        states = alert_states(topo)
+    except KafkaException as e:
+        console.print(f"[bold red]{e.args[0].str() if e.args else e}[/]")
+        raise typer.Exit(2) from None
+    table = Table(title=f"alarms of {topo.name}")
+    for col in ("instance", "state", "severity", "value", "since", "flags", "message"):
+        table.add_column(col)
+    for key, ev in sorted(states.items()):
+        if ev["state"] == "normal" and not all_:
+            continue
+        flags = [f for f in ("suppressed", "out_of_service", "chattering") if ev.get(f)]
+        if ev.get("shelved_until"):
+            flags.append("shelved")
+        since = datetime.fromtimestamp(int(str(ev["ts"])) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            key,
+            str(ev["state"]),
+            str(ev["severity"] or ""),
+            _fmt(ev.get("value")),
+            since,
+            " ".join(flags),
+            str(ev["message"]),
+        )
+    out.print(table)
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -57,3 +57,58 @@ def send_command(topo: TopologyBase, cmd: WriteCommand, wait: float | None = 30.
         return None
     finally:
         watcher.close()
+
+
+def send_alert_command(
+    topo: TopologyBase,
+    instance: str,
+    action: str,
+    by: str,
+    comment: str | None = None,
+    duration_ms: int | None = None,
+) -> dict[str, object]:
+    """Put an AlertCommand on alerts.commands (the worker applies it once, by its id); returns it."""
+    from pipeline.core.records import now_ms
+
+    cmd: dict[str, object] = {"id": uuid.uuid4().hex, "instance": instance, "action": action, "by": by}
+    cmd["at"] = now_ms()
+    if comment:
+        cmd["comment"] = comment
+    if duration_ms is not None:
+        cmd["duration_ms"] = duration_ms
+    producer = Outbox(topo.broker.bootstrap, "plantstream-cli", {"linger.ms": 0})
+    producer.produce(topo.alerts_commands_topic, instance.encode(), codec.dumps(cmd), int(cmd["at"]))  # type: ignore[call-overload]
+    if producer.flush_quietly(15) != 0:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the command was not delivered to Kafka"))
+    return cmd
+
+
+def alert_states(topo: TopologyBase, timeout: float = 10.0) -> dict[str, dict[str, object]]:
+    """The current state of every alarm instance: the newest record per key of the compacted alerts.state."""
+    from pipeline.core.kafka import read_all
+
+    c = Consumer(
+        {"bootstrap.servers": topo.broker.bootstrap, "group.id": f"plantstream-cli-{uuid.uuid4().hex}"}
+    )
+    try:
+        meta = c.list_topics(topo.alerts_state_topic, timeout=timeout).topics.get(topo.alerts_state_topic)
+        if meta is None or meta.error is not None:
+            raise KafkaException(
+                KafkaError(
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    f"{topo.alerts_state_topic} does not exist: deploy a topology with alert rules first",
+                )
+            )
+        partitions = len(meta.partitions)
+    finally:
+        c.close()
+    out: dict[str, dict[str, object]] = {}
+    for p in range(partitions):
+        for m in read_all(topo.broker.bootstrap, topo.alerts_state_topic, p):
+            if m.key is None:
+                continue
+            if m.value is None:
+                out.pop(m.key.decode(), None)
+            else:
+                out[m.key.decode()] = codec.loads(m.value)
+    return out

@@ -54,6 +54,25 @@ def topic_specs(topo: Topology) -> list[TopicSpec]:
         ),
         *_command_topics(topo),
         *_loop_topics(topo),
+        *_alert_topics(topo),
+    ]
+
+
+def _alert_topics(topo: Topology) -> list[TopicSpec]:
+    """alerts.samples (what the rules watch, keyed by device or loop), alerts.events (transitions),
+    alerts.state (compacted current state) and alerts.commands, where the topology has alert rules."""
+    if not topo.alerts.rules:
+        return []
+    n = topo.broker.partitions
+    return [
+        TopicSpec(topo.alert_samples_topic, n, event_time_retention(topo.broker.raw_retention_bytes)),
+        TopicSpec(topo.alerts_events_topic, n, {"retention.ms": str(365 * DAY_MS)}),
+        TopicSpec(
+            topo.alerts_state_topic,
+            n,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3_600_000)},
+        ),
+        TopicSpec(topo.alerts_commands_topic, n, {"retention.ms": str(365 * DAY_MS)}),
     ]
 
 
@@ -97,7 +116,7 @@ def ensure_topics(
         for s in specs
         if s.name in existing and len(existing[s.name].partitions) < s.partitions
     }
-    keyed = {topo.raw_topic, topo.loop_samples_topic} & set(grown)
+    keyed = {topo.raw_topic, topo.loop_samples_topic, topo.alert_samples_topic} & set(grown)
     if keyed:
         check_drained(topo, app_id, {t: grown[t] for t in keyed})
     for spec in specs:

@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.core import codec
 from pipeline.core.kafka import Outbox, ensure_compacted_topic, partition_for, read_all
+from pipeline.stages.alerts.routing import command_key
 from pipeline.stages.windows import DEV_PREFIX, WM_PREFIX
 from pipeline.topology import Topology
 
@@ -40,6 +41,8 @@ def _groups(topo: Topology, app_id: str) -> dict[str, str]:
     out = {topo.raw_topic: f"{app_id}-aggregate"}
     if topo.loops:
         out[topo.loop_samples_topic] = f"{app_id}-loops"
+    if topo.alerts.rules:
+        out[topo.alert_samples_topic] = f"{app_id}-alerts"
     return out
 
 
@@ -164,6 +167,24 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
             reset,
         )
         say(f"loop state: {moved} record(s) moved with their loops")
+    if topo.alerts.rules and topo.alert_samples_topic in have:
+        state = f"{app_id}-alerts-state"
+        ensure_compacted_topic(b.bootstrap, state, n, b.replication)
+
+        def alert_key(key: bytes) -> bytes:
+            k = key.decode()
+            if k.startswith("i/"):
+                return command_key(k[2:])
+            return "/".join(k[2:].split("/")[:2]).encode()  # v/site/device/point: the device
+
+        moved = rekey(
+            b.bootstrap,
+            state,
+            have[topo.alert_samples_topic],
+            lambda key: partition_for(alert_key(key), n, "murmur2_random"),
+            lambda key, rec, q: {**rec, "_p": q} if key.startswith(b"i/") else rec,
+        )
+        say(f"alert state: {moved} record(s) moved with their devices and loops")
     if topo.latest_topic in have:
         moved = rekey(
             b.bootstrap,

@@ -28,10 +28,13 @@ from connectors.opcua.config import OpcUaSource
 from connectors.sim.config import SimLoop, SimSignal, Simulation
 from connectors.timescale.config import PostgresSink
 from pipeline.core.topology import Aggregates, Broker, SinkBase, TopologyBase, TopologyError
+from pipeline.stages.alerts.config import AlertRule, Alerts
 from pipeline.stages.loops.config import Loop
 
 __all__ = [
     "Aggregates",
+    "AlertRule",
+    "Alerts",
     "BacnetSource",
     "BatchSettings",
     "Broker",
@@ -103,6 +106,7 @@ class Topology(TopologyBase):
     sinks: list[Sink] = Field(default_factory=list)
     simulate: Simulation | None = None
     loops: list[Loop] = Field(default_factory=list, description="control loops whose KPIs go to loops.kpi")
+    alerts: Alerts = Field(default_factory=Alerts, description="alert rules; transitions go to alerts.events")
 
     @model_validator(mode="after")
     def _cross(self) -> Topology:

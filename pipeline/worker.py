@@ -23,6 +23,8 @@ from typing import Any
 
 from pipeline.core.kafka import ensure_compacted_topic
 from pipeline.stages.aggregation import Aggregation
+from pipeline.stages.alerts.routing import AlertRouting
+from pipeline.stages.alerts.stage import AlertStep, CommandRouting
 from pipeline.stages.loops.stage import LoopRouting, LoopStats, LoopStep
 from pipeline.stages.runtime import Stage
 from pipeline.stages.sinks import SinkStep, topic_of
@@ -87,8 +89,10 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
     if topo.loops:
         stats = LoopStats()
         routing = LoopRouting(topo.loop_samples_topic, topo.loops, stats)
-    aggregation = Aggregation(topo, app_id, counters, routing)
+    alert_routing = AlertRouting(topo.alert_samples_topic, topo.alerts.rules) if topo.alerts.rules else None
+    aggregation = Aggregation(topo, app_id, counters, routing, alert_routing)
     state_topics = [aggregation.state_topic] + ([f"{app_id}-loop-state"] if topo.loops else [])
+    state_topics += [f"{app_id}-alerts-state"] if topo.alerts.rules else []
     for name in state_topics:  # compacted, one partition per input partition
         ensure_compacted_topic(bootstrap, name, topo.broker.partitions, topo.broker.replication)
     stages.append(
@@ -110,9 +114,33 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
                 bootstrap=bootstrap,
                 group=f"{app_id}-loops",
                 topic=topo.loop_samples_topic,
-                step=LoopStep(topo, topo.loops, app_id, counters, stats),
+                step=LoopStep(topo, topo.loops, app_id, counters, stats, alert_routing),
                 fatal=fatal,
                 checkpoint_interval=1.0,
+                batch_size=100,
+            )
+        )
+    if topo.alerts.rules:
+        stages.append(
+            Stage(
+                "alerts",
+                bootstrap=bootstrap,
+                group=f"{app_id}-alerts",
+                topic=topo.alert_samples_topic,
+                step=AlertStep(topo, topo.alerts.rules, app_id, counters),
+                fatal=fatal,
+                checkpoint_interval=1.0,
+            )
+        )
+        stages.append(
+            Stage(
+                "alert commands",
+                bootstrap=bootstrap,
+                group=f"{app_id}-alert-commands",
+                topic=topo.alerts_commands_topic,
+                step=CommandRouting(topo, counters),
+                fatal=fatal,
+                checkpoint_interval=0.0,
                 batch_size=100,
             )
         )

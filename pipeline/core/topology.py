@@ -157,3 +157,19 @@ class TopologyBase(Model):
     @property
     def loop_kpi_topic(self) -> str:
         return self.topic("loops.kpi")
+
+    @property
+    def alert_samples_topic(self) -> str:
+        return self.topic("alerts.samples")
+
+    @property
+    def alerts_events_topic(self) -> str:
+        return self.topic("alerts.events")
+
+    @property
+    def alerts_state_topic(self) -> str:
+        return self.topic("alerts.state")
+
+    @property
+    def alerts_commands_topic(self) -> str:
+        return self.topic("alerts.commands")

@@ -39,10 +39,18 @@ EVICT_AFTER_S = 600.0  # quiet time, after its windows closed, before a device's
 
 
 class Aggregation(Step):
-    def __init__(self, topo: TopologyBase, app_id: str, counters: Any, route_loops: Any = None) -> None:
+    def __init__(
+        self,
+        topo: TopologyBase,
+        app_id: str,
+        counters: Any,
+        route_loops: Any = None,
+        route_alerts: Any = None,
+    ) -> None:
         self.topo = topo
         self.counters = counters
         self.route_loops = route_loops  # LoopRouting or None
+        self.route_alerts = route_alerts  # AlertRouting or None
         self.state_topic = f"{app_id}-aggregate-state"  # the worker creates it
         self.state_partitions = topo.broker.partitions
         self.engine = MinuteAggregator(
@@ -126,6 +134,8 @@ class Aggregation(Step):
                 key = (partition, agg["window_end"])
                 closing[key] = closing.get(key, 0) + 1
             self.counters.closed += len(closes)
+            if self.route_alerts is not None:
+                self.route_alerts.aggregates(self.stage.outbox.produce, [c.aggregate for c in closes])
         # The windows leave the state in memory now; the runtime delivers their aggregates before it
         # checkpoints that state, so a crash in between re-sends them from the older checkpoint.
         self.engine.finish(partition, offset, closes)
@@ -165,6 +175,11 @@ class Aggregation(Step):
             until = self.wall_ms + self.topo.aggregates.max_future
             # Replays too: the loop state drops what it has seen.
             self.route_loops.route_with(self.stage.outbox.produce, batch, p, o, until)
+        if self.route_alerts is not None:
+            # Replays too: an alarm instance ignores samples at or before its newest one.
+            self.route_alerts.readings(
+                self.stage.outbox.produce, batch, self.wall_ms + self.topo.aggregates.max_future
+            )
         self.seen[dkey] = self.now
         applied = self.engine.apply(p, o, batch, self.wall_ms)
         if applied.skipped:

@@ -76,8 +76,17 @@ class LoopRouting:
 
 
 class LoopStep(Step):
-    def __init__(self, topo: TopologyBase, loops: list[Loop], app_id: str, counters: Any, stats: LoopStats):
+    def __init__(
+        self,
+        topo: TopologyBase,
+        loops: list[Loop],
+        app_id: str,
+        counters: Any,
+        stats: LoopStats,
+        route_alerts: Any = None,
+    ):
         self.topo, self.counters, self.stats = topo, counters, stats
+        self.route_alerts = route_alerts  # AlertRouting or None
         self.defs = {lp.id: LoopDef.from_topology(lp) for lp in loops}
         self.store = PartitionedStore()
         self.engine = LoopEngine(self.store, self.defs)
@@ -144,6 +153,8 @@ class LoopStep(Step):
         outbox = self.stage.outbox
         for rec in result.records:
             outbox.produce(self.topo.loop_kpi_topic, loop_id.encode(), codec.dumps(rec), rec["window_start"])
+            if self.route_alerts is not None:
+                self.route_alerts.kpis(outbox.produce, rec)
         # Durable in Kafka before the state moves on: a crash in between computes and sends them again.
         outbox.flush_sync()
         self.engine.finish(loop_id, partition, offset, job, result)

@@ -1,0 +1,142 @@
+"""Alert rules (the topology's ``alerts`` section), validated with path and fix.
+
+A rule watches one input (raw readings, 1-minute aggregates or loop KPIs) of the series (or loops) its
+``match`` pattern selects; each matching series is one alarm instance ``<rule id>/<series>``. Kinds:
+
+* ``threshold``: the value against one or more ``levels`` (each ``above``, ``below`` or ``outside`` a limit,
+  in rising severity), with a ``deadband`` for the return;
+* ``rate``: the change of the value within ``span``, against the levels;
+* ``deviation``: the value minus a constant (``reference``) or minus the latest value of another point of the
+  same device (``reference_point``), against the levels;
+* ``quality``: the quality not ``good`` (or ``bad`` only, ``qualities``) for ``span``;
+* ``stale``: no reading for ``span`` (event time while the device's partition flows, the wall clock for a
+  device that went silent).
+
+``on_delay``/``off_delay`` (event time) hold a raise and a return until the condition has lasted that long.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.core.durations import DurationMs
+from pipeline.core.topology import Model
+
+SEVERITIES = ("low", "medium", "high", "critical")
+AGG_FIELDS = ("mean", "min", "max", "first", "last", "sum", "stddev", "count", "good_count")
+
+
+class Level(Model):
+    severity: Literal["low", "medium", "high", "critical"]
+    above: float | None = None
+    below: float | None = None
+    outside: float | None = Field(None, ge=0, description="|value| above this")
+
+    @model_validator(mode="after")
+    def _one(self) -> Level:
+        given = [k for k in ("above", "below", "outside") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a level needs exactly one of above, below, outside (e.g. {severity: high, above: 80})"
+            )
+        return self
+
+    @property
+    def limit(self) -> float:
+        v = self.above if self.above is not None else self.below if self.below is not None else self.outside
+        assert v is not None
+        return v
+
+    def holds(self, value: float, deadband: float = 0.0) -> bool:
+        """Whether ``value`` is beyond the limit; ``deadband`` > 0 moves the limit back (to stay active)."""
+        if self.above is not None:
+            return value > self.above - deadband
+        if self.below is not None:
+            return value < self.below + deadband
+        assert self.outside is not None
+        return abs(value) > self.outside - deadband
+
+
+class Chatter(Model):
+    activations: int = Field(5, ge=2, description="raises within `within` that make an instance chattering")
+    within: DurationMs = Field(600_000, description="event time")
+
+
+class AlertRule(Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    input: Literal["readings", "agg_1m", "kpi"] = "readings"
+    match: str = Field(
+        description="glob on the series id site/device/point (input kpi: the loop id), e.g. hq/ahu*/supply_t"
+    )
+    field: str = Field("value", description="agg_1m: a statistic (mean, max, ...); kpi: a KPI name")
+    kind: Literal["threshold", "rate", "deviation", "quality", "stale"] = "threshold"
+    levels: list[Level] = Field(default_factory=list)
+    deadband: float = Field(0.0, ge=0)
+    on_delay: DurationMs = 0
+    off_delay: DurationMs = 0
+    span: DurationMs | None = Field(None, description="rate, quality, stale: the time span")
+    reference: float | None = Field(None, description="deviation: from this constant")
+    reference_point: str | None = Field(None, description="deviation: from this point of the same device")
+    qualities: list[Literal["bad", "uncertain"]] = Field(default_factory=lambda: ["bad", "uncertain"])  # type: ignore[arg-type]
+    severity: Literal["low", "medium", "high", "critical"] = Field("high", description="quality, stale")
+    message: str = Field(
+        "{rule}: {series} {value} {unit} ({severity}, limit {limit})",
+        description="placeholders: rule, series, value, limit, unit, severity, duration, state",
+    )
+    labels: dict[str, str] = Field(default_factory=dict)
+    chatter: Chatter | None = Field(default_factory=Chatter)
+    realarm: DurationMs | None = Field(None, description="notify again while active this long")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AlertRule:
+        k = self.kind
+        if k in ("threshold", "rate", "deviation") and not self.levels:
+            raise ValueError(f"kind {k} needs levels, e.g. levels: [{{severity: high, above: 80}}]")
+        if k in ("quality", "stale") and self.levels:
+            raise ValueError(f"kind {k} takes no levels; set severity (and span)")
+        if k in ("rate", "quality", "stale") and not self.span:
+            raise ValueError(f"kind {k} needs span, e.g. span: 5m")
+        if k == "deviation" and (self.reference is None) == (self.reference_point is None):
+            raise ValueError("kind deviation needs exactly one of reference (a constant) or reference_point")
+        if k in ("quality", "stale") and self.input != "readings":
+            raise ValueError(f"kind {k} watches raw readings: input must be readings")
+        if self.input == "agg_1m" and self.field not in AGG_FIELDS:
+            raise ValueError(
+                f"field {self.field!r} is not an aggregate field; one of {', '.join(AGG_FIELDS)}"
+            )
+        if self.input == "readings" and self.field != "value":
+            raise ValueError("input readings has one field, value")
+        ranks = [SEVERITIES.index(lv.severity) for lv in self.levels]
+        if ranks != sorted(set(ranks)):
+            raise ValueError(
+                "levels must be in rising severity, one per severity (low, medium, high, critical)"
+            )
+        if self.input == "kpi" and self.match.count("/"):
+            raise ValueError("input kpi matches loop ids (no '/'), e.g. match: 'FIC*'")
+        if self.input != "kpi" and (self.match.count("/") != 2 or "" in self.match.split("/")):
+            raise ValueError("match is a pattern site/device/point, e.g. match: hq/ahu*/supply_temp")
+        try:
+            re.compile(fnmatch.translate(self.match))
+        except re.error as e:
+            raise ValueError(f"match is not a valid pattern: {e}") from None
+        return self
+
+    def matches(self, source: str) -> bool:
+        return fnmatch.fnmatchcase(source, self.match)
+
+
+class Alerts(Model):
+    rules: list[AlertRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Alerts:
+        seen: set[str] = set()
+        for r in self.rules:
+            if r.id in seen:
+                raise ValueError(f"rule ids must be unique; repeated: {r.id}")
+            seen.add(r.id)
+        return self
