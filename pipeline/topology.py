@@ -132,10 +132,12 @@ class Topology(TopologyBase):
         return any(isinstance(s, BacnetSource) for s in self.sources)
 
     def sink_tables(self, sink: SinkBase, writer_tables: frozenset[str]) -> list[str]:
-        """The tables a sink writes: its ``topics``, plus the command audit where BACnet writes exist."""
+        """The tables a sink writes: its ``topics``, plus the command audit where BACnet writes exist and the
+        alarm journal and current alarms where alert rules exist (in the databases that can hold them)."""
         tables = list(dict.fromkeys(sink.topics))
-        if self.has_commands and "write_commands" in writer_tables and "write_commands" not in tables:
-            tables.append("write_commands")
+        extra = ["write_commands"] if self.has_commands else []
+        extra += ["alarm_events", "alarms"] if self.alerts.rules else []
+        tables += [t for t in extra if t in writer_tables and t not in tables]
         return tables
 
     def source(self, source_id: str) -> Any:  # one of the Source union's models

@@ -17,7 +17,7 @@ class PostgresSink(SinkBase):
     type: Literal["postgres"]
     dsn: str = Field("postgresql://plantstream:plantstream@127.0.0.1:55432/plantstream", repr=False)
     schema_name: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")
-    topics: list[Literal["agg_1m", "readings", "kpi_results"]] = Field(
+    topics: list[Literal["agg_1m", "readings", "kpi_results", "alarm_events", "alarms"]] = Field(
         default_factory=lambda: ["agg_1m"],  # type: ignore[arg-type]
         min_length=1,
     )

@@ -128,10 +128,80 @@ def command_row(result: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+ALARM_COLUMNS = (
+    "instance",
+    "rule",
+    "source",
+    "seq",
+    "ts",
+    "transition",
+    "state",
+    "active",
+    "severity",
+    "value",
+    "limit",
+    "unit",
+    "message",
+    "labels",
+    "shelved_until",
+    "suppressed",
+    "out_of_service",
+    "chattering",
+    "notify",
+)
+
+
+def _bool(x: Any) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"expected true or false, got {type(x).__name__}")
+    return x
+
+
+def alarm_values(ev: dict[str, Any]) -> tuple[Any, ...]:
+    """The columns both alarm tables have, from an AlertEvent."""
+    shelved = ev.get("shelved_until")
+    return (
+        _str(ev["instance"]),
+        _str(ev["rule"]),
+        _str(ev["source"]),
+        _int(ev["seq"]),
+        ms_to_dt(_int(ev["ts"])),
+        _str(ev["transition"]),
+        _str(ev["state"]),
+        _bool(ev["active"]),
+        None if ev.get("severity") is None else _str(ev["severity"]),
+        _num(ev.get("value")),
+        _num(ev.get("limit")),
+        None if ev.get("unit") is None else _str(ev["unit"]),
+        _str(ev["message"]),
+        codec.dumps(ev.get("labels") or {}).decode(),
+        None if shelved is None else ms_to_dt(_int(shelved)),
+        _bool(ev["suppressed"]),
+        _bool(ev["out_of_service"]),
+        _bool(ev["chattering"]),
+        _bool(ev["notify"]),
+    )
+
+
+def alarm_event_row(ev: dict[str, Any]) -> tuple[Any, ...]:
+    """An AlertEvent as an alarm_events row (the journal)."""
+    at = ev.get("at")
+    return (
+        _str(ev["id"]),
+        *alarm_values(ev),
+        None if ev.get("by") is None else _str(ev["by"]),
+        None if ev.get("comment") is None else _str(ev["comment"]),
+        None if ev.get("command") is None else _str(ev["command"]),
+        None if at is None else ms_to_dt(_int(at)),
+    )
+
+
 # table -> (rows of one record, what the record is called in a refusal)
 ROWS: dict[str, tuple[Callable[[Any], list[tuple[Any, ...]]], str]] = {
     "agg_1m": (lambda a: [aggregate_row(a)], "aggregate"),
     "readings": (reading_rows, "ReadingBatch"),
     "kpi_results": (kpi_rows, "LoopKpi"),
     "write_commands": (lambda r: [command_row(r)], "command result"),
+    "alarm_events": (lambda e: [alarm_event_row(e)], "AlertEvent"),
+    "alarms": (lambda e: [alarm_values(e)], "AlertEvent"),
 }

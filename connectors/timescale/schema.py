@@ -89,15 +89,62 @@ PLAIN_TABLES = {
             written_at    timestamptz      NOT NULL DEFAULT now()
         )""",
 }
+_ALARM_COLUMNS = """
+            instance        text             NOT NULL,
+            rule            text             NOT NULL,
+            source          text             NOT NULL,
+            seq             integer          NOT NULL,
+            ts              timestamptz      NOT NULL,
+            transition      text             NOT NULL,
+            state           text             NOT NULL,
+            active          boolean          NOT NULL,
+            severity        text,
+            value           double precision,
+            "limit"         double precision,
+            unit            text,
+            message         text             NOT NULL,
+            labels          jsonb            NOT NULL,
+            shelved_until   timestamptz,
+            suppressed      boolean          NOT NULL,
+            out_of_service  boolean          NOT NULL,
+            chattering      boolean          NOT NULL,
+            notify          boolean          NOT NULL"""
+PLAIN_TABLES["alarm_events"] = (
+    """
+        CREATE TABLE IF NOT EXISTS {schema}.alarm_events (
+            id              text             PRIMARY KEY,"""
+    + _ALARM_COLUMNS
+    + """,
+            "by"            text,
+            comment         text,
+            command         text,
+            "at"            timestamptz,
+            written_at      timestamptz      NOT NULL DEFAULT now()
+        )"""
+)
+PLAIN_TABLES["alarms"] = (
+    """
+        CREATE TABLE IF NOT EXISTS {schema}.alarms ("""
+    + _ALARM_COLUMNS
+    + """,
+            written_at      timestamptz      NOT NULL DEFAULT now(),
+            PRIMARY KEY (instance)
+        )"""
+)
 PLAIN_INDEXES = {
     "write_commands": "CREATE INDEX IF NOT EXISTS write_commands_point_time "
     "ON {schema}.write_commands (point, requested_at)",
+    "alarm_events": "CREATE INDEX IF NOT EXISTS alarm_events_instance_ts "
+    "ON {schema}.alarm_events (instance, ts)",
+    "alarms": "CREATE INDEX IF NOT EXISTS alarms_state ON {schema}.alarms (state, severity)",
 }
 TIME_COLUMN = {
     "agg_1m": "bucket",
     "readings": "time",
     "kpi_results": "window_start",
     "write_commands": "requested_at",
+    "alarm_events": "ts",
+    "alarms": "ts",
 }
 SEGMENT_BY = {"kpi_results": "loop_id"}  # TimescaleDB compression; 'series' for the others
 

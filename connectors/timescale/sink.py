@@ -88,7 +88,9 @@ class PostgresSinkWriter:
         records, refused = to_records(table, entries)
         out = WriteResult(refused=refused)
         if records:
-            result = await self.writer.write(table, topic, records)
+            # alarm_events and alarms both come from alerts.events: their stored offsets must not mix.
+            offsets_as = f"{topic}#alarms" if table == "alarms" else topic
+            result = await self.writer.write(table, offsets_as, records)
             out.written, out.skipped = result.written, result.skipped
             seen: set[tuple[int, int]] = set()
             for rec, reason in result.rejected:

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from connectors.common.backoff import delays
+from connectors.timescale.rows import ALARM_COLUMNS
 from connectors.timescale.schema import TIME_COLUMN, is_partitioned, month_bounds, partition_ddl
 
 log = logging.getLogger("plantstream.postgres")
@@ -74,14 +75,21 @@ COLUMNS = {
         "samples",
         "closed_by",
     ),
+    "alarm_events": ("id", *ALARM_COLUMNS, "by", "comment", "command", "at"),
+    "alarms": ALARM_COLUMNS,
 }
 KEYS = {
     "agg_1m": ("series", "bucket"),
     "readings": ("series", "time"),
     "kpi_results": ("loop_id", "kpi", "window_start"),
     "write_commands": ("id",),
+    "alarm_events": ("id",),
+    "alarms": ("instance",),
 }
-WRITTEN_AT = frozenset(("agg_1m", "kpi_results"))  # tables that record when a row was last written
+# Upserts that only replace an older row: the current state of an alarm is its newest event.
+NEWER_ONLY = {"alarms": "seq"}
+# tables that record when a row was last written
+WRITTEN_AT = frozenset(("agg_1m", "kpi_results", "alarm_events", "alarms"))
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -273,10 +281,15 @@ class PostgresWriter:
         )
         if table in WRITTEN_AT:
             set_list = sql.SQL("{}, written_at = now()").format(set_list)
+        where: sql.Composable = sql.SQL("")
+        if table in NEWER_ONLY:
+            col = sql.Identifier(NEWER_ONLY[table])
+            where = sql.SQL(" WHERE {}.{} < EXCLUDED.{}").format(sql.Identifier(table), col, col)
         return sql.SQL(
             "INSERT INTO {schema}.{table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {source} "
-            "ORDER BY {keys}, ord DESC ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+            "ORDER BY {keys}, ord DESC ON CONFLICT ({keys}) DO UPDATE SET {updates}{where}"
         ).format(
+            where=where,
             schema=sql.Identifier(self.schema),
             table=sql.Identifier(table),
             cols=col_list,
@@ -295,7 +308,7 @@ class PostgresWriter:
             fresh = [r for r in records if r.offset > stored.get(r.partition, -1)]
             result.skipped = len(records) - len(fresh)
             if fresh:
-                cols = ", ".join(COLUMNS[table]) + ", ord"
+                cols = ", ".join(f'"{c}"' for c in COLUMNS[table]) + ", ord"
                 async with cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
                     for i, r in enumerate(fresh):
                         await copy.write_row((*r.row, i))

@@ -48,12 +48,16 @@ TABLES: dict[str, tuple[Callable[[TopologyBase], str], Callable[[bytes], Any]]] 
     "readings": (lambda t: t.raw_topic, _reading_batch),
     "kpi_results": (lambda t: t.loop_kpi_topic, _json_object),
     "write_commands": (lambda t: t.results_topic, _json_object),
+    "alarm_events": (lambda t: t.alerts_events_topic, _json_object),
+    "alarms": (lambda t: t.alerts_events_topic, _json_object),
 }
 WHAT = {
     "agg_1m": "aggregate",
     "readings": "ReadingBatch",
     "kpi_results": "LoopKpi",
     "write_commands": "command result",
+    "alarm_events": "AlertEvent",
+    "alarms": "AlertEvent",
 }
 
 

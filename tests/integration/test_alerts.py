@@ -30,6 +30,15 @@ def topology(ns: dict[str, str]) -> Any:
             "prefix": ns["prefix"],
             "broker": {"bootstrap": ns["PLANTSTREAM_KAFKA"], "partitions": 2},
             "aggregates": {"grace": "10s", "idle_timeout": "2s", "checkpoint_interval": "300ms"},
+            "sinks": [
+                {
+                    "id": "pg",
+                    "type": "postgres",
+                    "dsn": ns["PLANTSTREAM_PG_DSN"],
+                    "schema": ns["schema"],
+                    "batch_delay": "100ms",
+                }
+            ],
             "alerts": {
                 "rules": [
                     {
@@ -105,7 +114,9 @@ def read_events(bootstrap: str, topic: str, n: int, timeout: float) -> list[dict
     return out
 
 
-def run_scenario(ns: dict[str, str], start: int, ack: dict[str, Any] | None) -> list[dict[str, Any]]:
+def run_scenario(
+    ns: dict[str, str], start: int, ack: dict[str, Any] | None, check: Any = None
+) -> list[dict[str, Any]]:
     topo = topology(ns)
     deploy(topo, say=lambda m: None)
     producer = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
@@ -124,6 +135,8 @@ def run_scenario(ns: dict[str, str], start: int, ack: dict[str, Any] | None) -> 
             out.produce(topo.alerts_commands_topic, ack["instance"].encode(), codec.dumps(ack), ack["at"])
             assert out.flush_quietly(10) == 0
             events = read_events(topo.broker.bootstrap, topo.alerts_events_topic, len(want) + 1, 60)
+        if check is not None:
+            check(events)  # while the worker runs: its sinks are still writing
         return events
     finally:
         worker.stop()
@@ -139,7 +152,29 @@ def test_rules_on_readings_and_aggregates_raise_escalate_clear_and_take_an_ack(n
         "at": start,
         "comment": "seen",
     }
-    events = run_scenario(namespace, start, ack)
+    import psycopg
+
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+
+    def journal() -> list[tuple[Any, ...]]:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute(
+                f'SELECT id, transition, state, "by" FROM "{schema}".alarm_events ORDER BY id'
+            ).fetchall()
+
+    def in_the_database(events: list[dict[str, Any]]) -> None:
+        # The sink keeps the journal (a row per event id: the ack sent twice is one) and the current state.
+        wait_for(lambda: len(journal()) >= len(events), 60, f"{len(events)} rows in alarm_events")
+        assert sorted(r[0] for r in journal()) == sorted(e["id"] for e in events)
+
+        def current() -> dict[str, str]:
+            with psycopg.connect(dsn) as conn:
+                return dict(conn.execute(f'SELECT instance, state FROM "{schema}".alarms').fetchall())
+
+        want = {"hot/site/d1/temp": "normal", "peak/site/d1/temp": "rtn_unack"}
+        wait_for(lambda: current() == want, 60, f"alarms {want}")
+
+    events = run_scenario(namespace, start, ack, in_the_database)
     got = sorted((e["instance"], e["ts"], e["transition"], e["state"], e["severity"]) for e in events)
     # A command's event carries the instance's newest event time (d1's last reading) and, as `at`, its own.
     want = sorted([*expected(start), ("hot/site/d1/temp", start + 415 * S, "ack", "normal", None)])
