@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.core.kafka import ensure_compacted_topic
 from pipeline.stages.aggregation import Aggregation
+from pipeline.stages.alerts.notify import Notify
 from pipeline.stages.alerts.routing import AlertRouting
 from pipeline.stages.alerts.stage import AlertStep, CommandRouting
 from pipeline.stages.loops.stage import LoopRouting, LoopStats, LoopStep
@@ -142,6 +143,20 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
                 fatal=fatal,
                 checkpoint_interval=0.0,
                 batch_size=100,
+            )
+        )
+    for sub in topo.alerts.subscribers:
+        stages.append(
+            Stage(
+                f"notify {sub.id}",
+                bootstrap=bootstrap,
+                group=f"{app_id}-notify-{sub.id}",
+                topic=topo.alerts_events_topic,
+                step=Notify(topo, sub, topo.alerts.rules, counters),
+                fatal=fatal,
+                checkpoint_interval=0.0,
+                batch_size=100,
+                tick_interval=0.0,
             )
         )
     if with_sinks:

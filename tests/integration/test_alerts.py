@@ -23,8 +23,14 @@ pytestmark = pytest.mark.integration
 S = 1000
 
 
-def topology(ns: dict[str, str]) -> Any:
-    return validate_data(
+def topology(ns: dict[str, str], subscribers: list[dict[str, Any]] | None = None) -> Any:
+    data = topology_data(ns)
+    data["alerts"]["subscribers"] = subscribers or []
+    return validate_data(data)
+
+
+def topology_data(ns: dict[str, str]) -> dict[str, Any]:
+    return dict(
         {
             "name": f"al{ns['tag']}",
             "prefix": ns["prefix"],
@@ -226,3 +232,84 @@ def test_a_command_for_an_unknown_instance_goes_to_the_dlq(namespace):
         wait_for(lambda: worker.alive(), 5, "the worker to stay up")
     finally:
         worker.stop()
+
+
+def test_a_webhook_down_for_a_while_gets_every_transition_once_in_order_and_mqtt_keeps_the_state(namespace):
+    import json
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    ns = namespace
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    received: list[tuple[str, dict[str, Any]]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers["Idempotency-Key"], json.loads(body)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            return
+
+    subscribers = [
+        {"id": "ops", "type": "webhook", "url": f"http://127.0.0.1:{port}/hook", "max_backoff": "1s"},
+        {
+            "id": "scada",
+            "type": "mqtt",
+            "url": ns["PLANTSTREAM_MQTT_URL"],
+            "topic": f"{ns['mqtt_root']}/{{instance}}",
+        },
+    ]
+    topo = topology(ns, subscribers)
+    deploy(topo, say=lambda m: None)
+    start = minute_now() - 20 * 60 * S
+    producer = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
+    send(producer, script(start), per=2)
+    assert producer.flush(30) == 0
+    worker = build_worker(topo, f"al-{ns['tag']}")
+    worker.start()
+    server = None
+    try:
+        want = expected(start)
+        assert len(read_events(topo.broker.bootstrap, topo.alerts_events_topic, len(want), 90)) == len(want)
+        time.sleep(3)  # the receiver stays down while the subscriber retries (capped at 1 s)
+        assert received == []
+        server = ThreadingHTTPServer(("127.0.0.1", port), Hook)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        wait_for(lambda: len(received) >= len(want), 60, f"{len(want)} webhook deliveries")
+        time.sleep(1)  # nothing more may come
+        ids = [k for k, _ in received]
+        assert len(ids) == len(set(ids)) == len(want)
+        assert all(k == ev["id"] for k, ev in received)
+        for inst in {ev["instance"] for _, ev in received}:
+            seqs = [ev["seq"] for _, ev in received if ev["instance"] == inst]
+            assert seqs == sorted(seqs) == list(range(1, len(seqs) + 1))
+        # A client that subscribes now reads each instance's current state, retained by the broker.
+        host, p = ns["PLANTSTREAM_MQTT_URL"].removeprefix("mqtt://").split(":")
+        retained: dict[str, dict[str, Any]] = {}
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{ns['tag']}")
+        client.on_message = lambda c, u, msg: retained.__setitem__(msg.topic, json.loads(msg.payload))
+        client.on_connect = lambda c, u, f, rc, props=None: c.subscribe(f"{ns['mqtt_root']}/#", qos=1)
+        client.connect(host, int(p))
+        client.loop_start()
+        try:
+            wait_for(lambda: len(retained) >= 2, 30, "the retained states")
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        assert {k: v["state"] for k, v in retained.items()} == {
+            f"{ns['mqtt_root']}/hot/site/d1/temp": "rtn_unack",
+            f"{ns['mqtt_root']}/peak/site/d1/temp": "rtn_unack",
+        }
+    finally:
+        worker.stop()
+        if server is not None:
+            server.shutdown()

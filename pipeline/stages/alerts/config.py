@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -129,8 +129,62 @@ class AlertRule(Model):
         return fnmatch.fnmatchcase(source, self.match)
 
 
+class Filter(Model):
+    severities: list[Literal["low", "medium", "high", "critical"]] | None = Field(
+        None, description="only these severities (clears and commands: where the rule has one of them)"
+    )
+    sources: list[str] | None = Field(None, description="globs on the source series or loop, e.g. hq/*/*")
+    rules: list[str] | None = Field(None, description="globs on the rule id")
+    labels: dict[str, str] = Field(default_factory=dict, description="labels the rule must carry")
+
+    def accepts(self, ev: dict[str, object], rule: AlertRule | None) -> bool:
+        if self.severities is not None:
+            sev = ev.get("severity")
+            if sev is None:  # a clear or a command: wanted where the rule can reach a wanted severity
+                can = [lv.severity for lv in rule.levels] or [rule.severity] if rule is not None else []
+                if not any(x in self.severities for x in can):
+                    return False
+            elif sev not in self.severities:
+                return False
+        src, rid = str(ev.get("source", "")), str(ev.get("rule", ""))
+        if self.sources is not None and not any(fnmatch.fnmatchcase(src, g) for g in self.sources):
+            return False
+        if self.rules is not None and not any(fnmatch.fnmatchcase(rid, g) for g in self.rules):
+            return False
+        labels = ev.get("labels") or {}
+        return all(isinstance(labels, dict) and labels.get(k) == v for k, v in self.labels.items())
+
+
+class WebhookSubscriber(Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://", description="POST target; the event is the JSON body")
+    headers: dict[str, str] = Field(default_factory=dict, description="e.g. Authorization")
+    filter: Filter = Field(default_factory=Filter)
+    timeout: DurationMs = 10_000
+    max_backoff: DurationMs = Field(30_000, description="retries back off up to this")
+
+
+class MqttSubscriber(Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["mqtt"]
+    url: str = Field(pattern=r"^mqtts?://", description="mqtt://host:port")
+    topic: str = Field(
+        "plantstream/alarms/{instance}", description="template: {instance}, {rule}, {source}, {state}"
+    )
+    retain: bool = Field(True, description="the broker keeps each instance's current state")
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    filter: Filter = Field(default_factory=Filter)
+
+
 class Alerts(Model):
     rules: list[AlertRule] = Field(default_factory=list)
+    subscribers: list[Annotated[WebhookSubscriber | MqttSubscriber, Field(discriminator="type")]] = Field(
+        default_factory=list,
+        description="webhook: every notified transition, in order, once; mqtt: each instance's current state",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Alerts:
@@ -139,4 +193,9 @@ class Alerts(Model):
             if r.id in seen:
                 raise ValueError(f"rule ids must be unique; repeated: {r.id}")
             seen.add(r.id)
+        subs = [s.id for s in self.subscribers]
+        if len(set(subs)) != len(subs):
+            raise ValueError("subscriber ids must be unique")
+        if self.subscribers and not self.rules:
+            raise ValueError("subscribers without rules get nothing: add alerts.rules")
         return self
