@@ -33,7 +33,7 @@ class InfluxSink(SinkBase):
     bucket: str | None = Field(None, description="v2 (InfluxDB 1.8: database/retention_policy)")
     token: str | None = Field(None, repr=False, description="v2 (InfluxDB 1.8: user:password)")
     # -- both
-    topics: list[Literal["agg_1m", "readings", "kpi_results"]] = Field(
+    topics: list[Literal["agg_1m", "readings", "kpi_results", "alarm_events"]] = Field(
         default_factory=lambda: ["agg_1m"],  # type: ignore[arg-type]
         min_length=1,
         description="agg_1m also writes its hourly rollup, measurement agg_1h",

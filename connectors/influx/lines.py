@@ -107,8 +107,42 @@ def kpi_lines(rec: dict[str, Any]) -> list[str]:
     return out
 
 
+def _bool(name: str, v: Any) -> str:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be true or false, got {v!r:.40}")
+    return f"{name}={'true' if v else 'false'}"
+
+
+def alarm_lines(ev: dict[str, Any]) -> list[str]:
+    """An AlertEvent as an ``alarm_events`` point: tags rule, source, transition; a command's point is at the
+    time it was given (two commands at one event time stay two points)."""
+    ts = ev["at"] if ev.get("command") is not None else ev["ts"]
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise TypeError(f"ts must be epoch ms, got {ts!r:.40}")
+    fields = [
+        f"id={field_str(str(ev['id']))}",
+        _int("seq", ev["seq"]),
+        f"state={field_str(str(ev['state']))}",
+        _bool("active", ev["active"]),
+        _bool("notify", ev["notify"]),
+        f"message={field_str(str(ev['message']))}",
+    ]
+    if ev.get("severity") is not None:
+        fields.append(f"severity={field_str(str(ev['severity']))}")
+    for f in ("value", "limit"):
+        v = _float(f, ev.get(f))
+        if v is not None:
+            fields.append(v)
+    for f in ("by", "comment"):
+        if ev.get(f) is not None:
+            fields.append(f"{f}={field_str(str(ev[f]))}")
+    tags = f"rule={tag(ev['rule'])},source={tag(ev['source'])},transition={tag(ev['transition'])}"
+    return [f"alarm_events,{tags} {','.join(fields)} {ts}"]
+
+
 LINES: dict[str, tuple[Callable[[Any], list[str]], str]] = {
     "agg_1m": (aggregate_lines, "aggregate"),
     "readings": (reading_lines, "ReadingBatch"),
     "kpi_results": (kpi_lines, "LoopKpi"),
+    "alarm_events": (alarm_lines, "AlertEvent"),
 }

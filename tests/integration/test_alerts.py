@@ -23,9 +23,13 @@ pytestmark = pytest.mark.integration
 S = 1000
 
 
-def topology(ns: dict[str, str], subscribers: list[dict[str, Any]] | None = None) -> Any:
+def topology(
+    ns: dict[str, str], subscribers: list[dict[str, Any]] | None = None, influx: str | None = None
+) -> Any:
     data = topology_data(ns)
     data["alerts"]["subscribers"] = subscribers or []
+    if influx is not None:
+        data["sinks"].append({"id": "ifx", "type": "influx", "url": influx, "database": f"t_{ns['tag']}"})
     return validate_data(data)
 
 
@@ -121,9 +125,9 @@ def read_events(bootstrap: str, topic: str, n: int, timeout: float) -> list[dict
 
 
 def run_scenario(
-    ns: dict[str, str], start: int, ack: dict[str, Any] | None, check: Any = None
+    ns: dict[str, str], start: int, ack: dict[str, Any] | None, check: Any = None, influx: str | None = None
 ) -> list[dict[str, Any]]:
-    topo = topology(ns)
+    topo = topology(ns, influx=influx)
     deploy(topo, say=lambda m: None)
     producer = TelemetryProducer(topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic)
     send(producer, script(start), per=2)
@@ -148,7 +152,7 @@ def run_scenario(
         worker.stop()
 
 
-def test_rules_on_readings_and_aggregates_raise_escalate_clear_and_take_an_ack(namespace):
+def test_rules_on_readings_and_aggregates_raise_escalate_clear_and_take_an_ack(namespace, influx_urls):
     start = minute_now() - 20 * 60 * S
     ack = {
         "id": "ack-1",
@@ -179,8 +183,19 @@ def test_rules_on_readings_and_aggregates_raise_escalate_clear_and_take_an_ack(n
 
         want = {"hot/site/d1/temp": "normal", "peak/site/d1/temp": "rtn_unack"}
         wait_for(lambda: current() == want, 60, f"alarms {want}")
+        # ... and InfluxDB the journal as the alarm_events measurement, a point per event.
+        from tests import influxdb
 
-    events = run_scenario(namespace, start, ack, in_the_database)
+        db = f"t_{namespace['tag']}"
+        wait_for(
+            lambda: influxdb.count_v1(str(influx_urls["v1"]), db, "alarm_events", "seq") >= len(events),
+            60,
+            "alarm_events in InfluxDB",
+        )
+        assert influxdb.count_v1(str(influx_urls["v1"]), db, "alarm_events", "seq") == len(events)
+        influxdb.drop(str(influx_urls["v1"]), db)
+
+    events = run_scenario(namespace, start, ack, in_the_database, influx=influx_urls["v1"])
     got = sorted((e["instance"], e["ts"], e["transition"], e["state"], e["severity"]) for e in events)
     # A command's event carries the instance's newest event time (d1's last reading) and, as `at`, its own.
     want = sorted([*expected(start), ("hot/site/d1/temp", start + 415 * S, "ack", "normal", None)])

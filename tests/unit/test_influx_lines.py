@@ -185,3 +185,22 @@ def test_an_hour_combined_minute_by_minute_equals_the_hour_read_back():
         assert got[f] == want[f], f
     for f in ("mean", "sum", "stddev"):
         assert got[f] == pytest.approx(want[f], rel=1e-9), f
+
+
+def test_alarm_event_lines():
+    from connectors.influx.lines import alarm_lines
+    from pipeline.stages.alerts.config import AlertRule
+    from pipeline.stages.alerts.engine import Engine
+
+    r = AlertRule.model_validate(
+        {"id": "hot", "match": "s/d/p", "levels": [{"severity": "high", "above": 1}]}
+    )
+    e = Engine([r])
+    (raise_,) = e.sample(r, "s/d/p", 5000, 2.0)
+    assert alarm_lines(raise_) == [
+        'alarm_events,rule=hot,source=s/d/p,transition=raise id="hot/s/d/p#1",seq=1i,state="unack",'
+        'active=true,notify=true,message="hot: s/d/p 2  (high, limit 1)",severity="high",value=2.0,'
+        "limit=1.0 5000"
+    ]
+    (ack,) = e.command({"id": "c", "instance": "hot/s/d/p", "action": "ack", "by": "op", "at": 9000})
+    assert alarm_lines(ack)[0].endswith('by="op" 9000')
