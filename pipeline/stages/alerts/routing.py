@@ -33,6 +33,7 @@ class AlertRouting:
         self.refs = {r.reference_point for r in self.reading_rules if r.reference_point}
         self._devices: dict[tuple[str, str], tuple[list[str], list[str]] | None] = {}
         self._points: dict[tuple[str, str, str], bool] = {}
+        self._aggs: dict[str, bool] = {}
         self.routed = 0
 
     def _device(self, site: str, device: str, rules: list[AlertRule]) -> list[str] | None:
@@ -77,7 +78,10 @@ class AlertRouting:
             return
         by_dev: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for a in aggs:
-            if any(r.matches(a["series"]) for r in self.agg_rules):
+            hit = self._aggs.get(a["series"])
+            if hit is None:
+                hit = self._aggs[a["series"]] = any(r.matches(a["series"]) for r in self.agg_rules)
+            if hit:
                 by_dev.setdefault((a["site"], a["device"]), []).append(a)
         for (site, device), items in by_dev.items():
             body = {"k": "a", "site": site, "device": device, "a": items}

@@ -45,6 +45,9 @@ class AlertStep(Step):
         self.arrived: dict[str, float] = {}  # stale instances: monotonic time of their last sample
         self.clock: dict[int, int] = {}  # partition -> newest event time seen on it
         self.events = 0
+        self._matching: dict[tuple[str, str], list[AlertRule]] = {}  # (input, source) -> its rules
+        self.ref_points = {r.reference_point for r in rules if r.reference_point}
+        self.stale = {r.id: r for r in rules if r.kind == "stale" and r.span}
 
     # -- state ----------------------------------------------------------------------------------------
     def assigned(self, partitions: list[int]) -> None:
@@ -108,8 +111,14 @@ class AlertStep(Step):
         for p in {m.partition() for m in msgs}:
             self._silences(p, self.clock.get(p))
 
-    def _rules(self, kind: str) -> list[AlertRule]:
-        return [r for r in self.rules if r.input == kind]
+    def _rules_for(self, kind: str, source: str) -> list[AlertRule]:
+        """The rules of input ``kind`` that watch ``source`` (matched once per source: thousands of rules
+        cost a dict lookup per sample)."""
+        key = (kind, source)
+        found = self._matching.get(key)
+        if found is None:
+            found = self._matching[key] = [r for r in self.rules if r.input == kind and r.matches(source)]
+        return found
 
     def _handle(self, p: int, body: dict[str, Any]) -> list[Event]:
         k = body["k"]
@@ -117,35 +126,31 @@ class AlertStep(Step):
         now = time.monotonic()
         if k == "r":
             site, device = body["site"], body["device"]
-            rules = self._rules("readings")
             latest: dict[str, float] = {}  # this device's newest values, for deviation references
             for point, ts, value, quality, unit in body["s"]:
                 series = f"{site}/{device}/{point}"
                 self.clock[p] = max(self.clock.get(p, ts), ts)
                 if quality == "good":
                     latest[point] = value
-                for r in rules:
-                    if not r.matches(series):
-                        continue
+                for r in self._rules_for("readings", series):
                     ref = latest.get(r.reference_point) if r.reference_point else None
                     if r.reference_point and ref is None:
                         ref = self._reference(r, site, device)
                     out += self._sample(p, r, series, ts, value, quality, unit, ref, now)
-                if point in {r.reference_point for r in rules}:
+                if point in self.ref_points and quality == "good":
                     self.store.partition = p
                     self.store[f"v/{site}/{device}/{point}"] = value
         elif k == "a":
             for a in body["a"]:
-                for r in self._rules("agg_1m"):
-                    if r.matches(a["series"]):
-                        v = a.get(r.field)
-                        out += self._sample(
-                            p, r, a["series"], a["window_start"], v, "good", a.get("unit"), None, now
-                        )
+                for r in self._rules_for("agg_1m", a["series"]):
+                    v = a.get(r.field)
+                    out += self._sample(
+                        p, r, a["series"], a["window_start"], v, "good", a.get("unit"), None, now
+                    )
         elif k == "k":
             rec = body["r"]
-            for r in self._rules("kpi"):
-                if r.matches(rec["loop"]) and r.field in rec["kpis"]:
+            for r in self._rules_for("kpi", rec["loop"]):
+                if r.field in rec["kpis"]:
                     res = rec["kpis"][r.field]
                     v = res["value"] if res["status"] == "ok" else None
                     out += self._sample(p, r, rec["loop"], rec["window_start"], v, "good", None, None, now)
@@ -191,34 +196,29 @@ class AlertStep(Step):
 
     def _silences(self, p: int, clock: int | None) -> None:
         """Stale rules in event time: the partition's clock moved past a series' last sample + span."""
-        if clock is None:
+        if clock is None or not self.stale:
             return
-        for r in self.rules:
-            if r.kind != "stale" or r.span is None:
+        for key, inst in list(self.engine.instances.items()):
+            r = self.stale.get(inst.rule)
+            if r is None or r.span is None or self.owner.get(key) != p or inst.level is not None:
                 continue
-            for key, inst in list(self.engine.instances.items()):
-                mine = inst.rule == r.id and self.owner.get(key) == p and inst.level is None
-                if mine and inst.last_ts is not None and clock - inst.last_ts >= r.span:
-                    self._emit(p, self.engine.silence(r, inst.source, clock))
+            if inst.last_ts is not None and clock - inst.last_ts >= r.span:
+                self._emit(p, self.engine.silence(r, inst.source, clock))
 
     def tick(self, now: float) -> None:
         stage = self.stage
-        wall = int(time.time() * 1000)
-        for p in sorted(stage.owned):
-            if stage.behind(p):
-                continue
-            for r in self.rules:
-                if r.kind != "stale" or r.span is None:
+        if self.stale:
+            drained = {p for p in stage.owned if not stage.behind(p)}
+            for key, inst in list(self.engine.instances.items()):
+                r = self.stale.get(inst.rule)
+                p = self.owner.get(key)
+                if r is None or r.span is None or p not in drained or inst.level is not None:
                     continue
-                for key, inst in list(self.engine.instances.items()):
-                    if inst.rule != r.id or self.owner.get(key) != p or inst.level is not None:
-                        continue
-                    quiet_ms = (now - self.arrived.get(key, now)) * 1000
-                    if inst.last_ts is not None and quiet_ms >= r.span:
-                        # A silent device, its partition drained: the wall clock stands in for event time.
-                        ts = inst.last_ts + int(quiet_ms)
-                        self._emit(p, self.engine.silence(r, inst.source, ts))
-        for ev in self.engine.expire_shelves(wall):
+                quiet_ms = (now - self.arrived.get(key, now)) * 1000
+                if inst.last_ts is not None and quiet_ms >= r.span:
+                    # A silent device, its partition drained: the wall clock stands in for event time.
+                    self._emit(p, self.engine.silence(r, inst.source, inst.last_ts + int(quiet_ms)))
+        for ev in self.engine.expire_shelves(int(time.time() * 1000)):
             q = self.owner.get(ev["instance"])
             if q is not None:
                 self._emit(q, [ev])
