@@ -274,6 +274,8 @@ def create_schema(
             out[table] = "hypertable" if ts else "partitioned"
         if "agg_1m" in tables:
             create_agg_1h(conn, schema, hypertable=is_hypertable(conn, schema, "agg_1m"))
+        if "alarm_events" in tables:
+            conn.execute(sql.SQL(ALARM_HEALTH.format(schema="{schema}")).format(schema=ident))
         conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
     return out
 
@@ -352,6 +354,44 @@ SELECT bucket, series, site, device, point, count, good_count, min, max,
 FROM {schema}.agg_1h_rollup
 """
 ROLLUP_HORIZON = "1 hour"  # the policy materializes hours that ended at least this long ago
+
+
+# Alarm-system health per site and hour, as EEMUA 191 measures it: alarms (raises) in the hour and per
+# 10 minutes on average, the busiest 10 minutes, floods (10-minute periods with 10 or more alarms), instances
+# that started chattering, and standing alarms (active at the end of the hour, raised 24 h or more before).
+# The site is the first part of the source (empty for loop alarms).
+ALARM_HEALTH = """
+CREATE OR REPLACE VIEW {schema}.alarm_health AS
+WITH ev AS (
+    SELECT instance, transition, ts,
+           CASE WHEN position('/' IN source) > 0 THEN split_part(source, '/', 1) ELSE '' END AS site
+    FROM {schema}.alarm_events
+),
+tens AS (
+    SELECT site, date_trunc('hour', ts) AS hour,
+           date_trunc('hour', ts) + floor(extract(minute FROM ts) / 10) * interval '10 minutes' AS slot,
+           count(*) AS n
+    FROM ev WHERE transition = 'raise'
+    GROUP BY 1, 2, 3
+),
+hours AS (SELECT DISTINCT site, date_trunc('hour', ts) AS hour FROM ev)
+SELECT h.site, h.hour,
+       coalesce(sum(t.n), 0)::bigint AS alarms,
+       coalesce(sum(t.n), 0) / 6.0 AS per_10min,
+       coalesce(max(t.n), 0)::bigint AS peak_10min,
+       count(*) FILTER (WHERE t.n >= 10)::bigint AS floods,
+       (SELECT count(DISTINCT e.instance) FROM ev e
+         WHERE e.site = h.site AND e.transition = 'chatter'
+           AND e.ts >= h.hour AND e.ts < h.hour + interval '1 hour')::bigint AS chattering,
+       (SELECT count(*) FROM (
+            SELECT DISTINCT ON (e.instance) e.transition, e.ts FROM ev e
+            WHERE e.site = h.site AND e.transition IN ('raise', 'clear') AND e.ts < h.hour + interval '1 hour'
+            ORDER BY e.instance, e.ts DESC) last
+         WHERE last.transition = 'raise' AND last.ts <= h.hour + interval '1 hour' - interval '24 hours'
+       )::bigint AS standing
+FROM hours h LEFT JOIN tens t ON t.site = h.site AND t.hour = h.hour
+GROUP BY h.site, h.hour
+"""
 
 
 def create_agg_1h(conn: psycopg.Connection, schema: str, hypertable: bool = False) -> None:

@@ -289,3 +289,57 @@ def test_agg_1h_equals_pandas_hourly_on_every_backend(namespace, backend):
             )
             assert row[:2] == want[:2]
             assert row[2:] == pytest.approx(want[2:], rel=1e-9)
+
+
+def test_alarm_health_counts_as_eemua_191_does(namespace):
+    """Alarms per hour and per 10 minutes, the peak, floods, chattering and standing alarms, per site."""
+    from connectors.common.sink import Entry
+    from connectors.timescale.sink import PostgresSinkWriter
+
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    w = PostgresSinkWriter("pg", dsn, schema, None, "t")
+    w.deploy(["alarm_events"], lambda m: None)
+    h = T0 + 24 * 3_600_000  # an hour, one day after T0
+    seq: dict[str, int] = {}
+
+    def ev(inst: str, ts: int, transition: str) -> dict:
+        seq[inst] = seq.get(inst, 0) + 1
+        return {
+            "id": f"{inst}#{seq[inst]}",
+            "instance": inst,
+            "rule": "r",
+            "source": inst.split("/", 1)[1],
+            "seq": seq[inst],
+            "ts": ts,
+            "transition": transition,
+            "state": "unack",
+            "active": transition == "raise",
+            "severity": "high",
+            "value": 1.0,
+            "limit": 0.5,
+            "unit": None,
+            "message": "m",
+            "labels": {},
+            "shelved_until": None,
+            "suppressed": False,
+            "out_of_service": False,
+            "chattering": False,
+            "notify": True,
+        }
+
+    events = [ev("r/a/d/standing", T0, "raise")]  # raised a day before the hour, never cleared
+    events += [ev(f"r/a/d/p{i}", h + 60_000 + i * 1000, "raise") for i in range(12)]  # a flood in 10 min
+    events += [ev(f"r/a/d/q{i}", h + 30 * 60_000, "raise") for i in range(3)]
+    events += [ev("r/a/d/p0", h + 31 * 60_000, "chatter"), ev("r/b/d/x", h + 5 * 60_000, "raise")]
+    asyncio.run(w.write("alarm_events", "t", [Entry(0, i, e) for i, e in enumerate(events)]))
+    asyncio.run(w.close())
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT site, alarms, per_10min, peak_10min, floods, chattering, standing "
+            f'FROM "{schema}".alarm_health WHERE hour = %s ORDER BY site',
+            (ms_to_dt(h),),
+        ).fetchall()
+    assert [(r[0], r[1], float(r[2]), r[3], r[4], r[5], r[6]) for r in rows] == [
+        ("a", 15, 2.5, 12, 1, 1, 1),
+        ("b", 1, 1 / 6, 1, 0, 0, 0),
+    ]
