@@ -30,6 +30,9 @@ Scenarios (``--scenarios``, default ``kafka,mqtt``; each run ``--reps`` times, m
   path: readings/s from the first publish to the last row committed. Runs once per series count.
 * the field protocol scenarios of ``bench/protocols.py`` (``opcua``, ``bacnet``, ...), on request.
 * ``sinks`` (``bench/sinks.py``): aggregates/s and readings/s into each database sink, on request.
+* ``alerts``: the ``live`` run twice, without and with one threshold rule per series (``--live-series``
+  rules): the worker CPU per million readings the rules add, and reading → ``alerts.events`` latency
+  p50/p99 (event time = wall time), on request.
 
 Every run gets its own topics, consumer group and schema, removed afterwards. Results print as a table and
 are written as JSON (parameters, machine, every run, summary) to ``bench/results/`` after every run; worker
@@ -51,6 +54,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -222,9 +226,11 @@ def wait_rows(
 
 
 def prepare(
-    tag: str, env: dict[str, str], partitions: int, logs: Path, grace: str = "5m"
+    tag: str, env: dict[str, str], partitions: int, logs: Path, grace: str = "5m", alerts: Any = None
 ) -> tuple[Path, dict[str, Any]]:
     topo = topology(tag, env, partitions, grace)
+    if alerts:
+        topo["alerts"] = alerts
     f = logs / f"topology-{tag}.yaml"
     f.write_text(yaml.safe_dump(topo))
     subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", str(f)], check=True, capture_output=True)
@@ -565,20 +571,96 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
     }
 
 
-def run_live(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict[str, Any]:
+def alert_rules(series: int, points: int) -> dict[str, Any]:
+    """One threshold rule per series (``alerts`` scenario): values are uniform in [0, 100), so a reading
+    above 99.9 raises about once in a thousand readings of a series and the next one clears it."""
+    rules = []
+    for i in range(series):
+        d, q = divmod(i, points)
+        rules.append(
+            {
+                "id": f"r{i}",
+                "match": f"site1/{device_name(d)}/p{q:03d}",
+                "levels": [{"severity": "high", "above": 99.9}],
+            }
+        )
+    return {"rules": rules}
+
+
+class EventLatency:
+    """Reads alerts.events while the run goes: latency = arrival - the event time of the reading that caused
+    the transition (event time = wall time in live runs)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from confluent_kafka import Consumer
+
+        self.c = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"bench-lat-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self.c.subscribe([topic])
+        self.ms: list[float] = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping:
+            for m in self.c.consume(500, 0.2):
+                if m.error() is None:
+                    ev = codec.loads(m.value())
+                    if ev["transition"] in ("raise", "clear"):
+                        self.ms.append(time.time() * 1000 - ev["ts"])
+
+    def stop(self) -> dict[str, Any]:
+        self.stopping = True
+        self.thread.join(10)
+        self.c.close()
+        xs = sorted(self.ms)
+        if not xs:
+            return {"events": 0, "p50_ms": None, "p99_ms": None}
+        return {
+            "events": len(xs),
+            "p50_ms": xs[len(xs) // 2],
+            "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
+        }
+
+
+def run_alerts(args: argparse.Namespace, env: dict[str, str], logs: Path) -> list[dict[str, Any]]:
+    """The live run twice, without and with one threshold rule per series (the order alternating by
+    repetition): the worker CPU the rules add, and reading → alerts.events latency."""
+    order = [False, True] if getattr(args, "rep_index", 0) % 2 == 0 else [True, False]
+    out = {}
+    for with_rules in order:
+        out[with_rules] = run_live(args, env, logs, rules=with_rules)
+    off, on = out[False], out[True]
+    on["cpu_added_vs_no_rules"] = on["worker_cpu_s_per_million"] / off["worker_cpu_s_per_million"] - 1
+    return [off, on]
+
+
+def run_live(
+    args: argparse.Namespace, env: dict[str, str], logs: Path, rules: bool = False
+) -> dict[str, Any]:
     """Live operation: readings at a steady rate with event time = wall time, for the close→commit latency
     of windows closing once a minute, as in production (the ``kafka`` scenario closes them back to back)."""
     tag = uuid.uuid4().hex[:6]
-    f, topo = prepare(tag, env, args.partitions, logs, args.grace)
+    devices = max(1, args.live_series // args.points)
+    alerts = alert_rules(devices * args.points, args.points) if rules else None
+    f, topo = prepare(tag, env, args.partitions, logs, args.grace, alerts)
     raw = topo["prefix"] + "telemetry.raw"
     dsn, schema = env["PLANTSTREAM_PG_DSN"], topo["sinks"][0]["schema"]
-    devices = max(1, args.live_series // args.points)
     per_round = devices * args.points
     interval = per_round / args.live_rate  # seconds between two scans of every device
     wlog = logs / f"worker-live-{tag}.log"
     worker = spawn(["worker", str(f), "--app-id", f"bench-{topo['name']}", "--loglevel", "info"], wlog)
+    events = None
     try:
         wait_settled([wlog], [worker], raw, args.partitions)
+        if rules:
+            events = EventLatency(env["PLANTSTREAM_KAFKA"], topo["prefix"] + "alerts.events")
         p = Producer(
             {"bootstrap.servers": env["PLANTSTREAM_KAFKA"], "linger.ms": 5, "compression.type": "lz4"}
         )
@@ -623,14 +705,21 @@ def run_live(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict[
             done = wait_rows(dsn, schema, n, 120, [worker], lambda total: None)
         cpu = cpu_seconds(worker.pid) - cpu0
         rss = peak_rss_mb(worker.pid)
+        if events is not None:
+            time.sleep(2)  # the last transitions on their way
         stop([worker])
         parts = {device_name(d): d % args.partitions for d in range(devices)}
         latency = close_to_commit(dsn, schema, window_closes([wlog]), parts)
     finally:
+        alert_latency = events.stop() if events is not None else None
         stop([worker])
         cleanup(env, topo)
     return {
-        "scenario": "live",
+        "scenario": "live"
+        if alerts is None and args.scenarios.find("alerts") < 0
+        else ("alerts: with rules" if alerts else "alerts: no rules"),
+        "rules": len(alerts["rules"]) if alerts else 0,
+        "alert_latency": alert_latency,
         "series": devices * args.points,
         "workers": 1,
         "readings": n,
@@ -810,6 +899,15 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
 
 def describe(r: dict[str, Any]) -> str:
     line = f"  {r['readings_per_s']:,.0f} readings/s ({r['seconds']:.1f} s)"
+    if r["scenario"].startswith("alerts"):
+        lat = r.get("alert_latency") or {}
+        line += f"; {r['rules']:,} rules; CPU {r['worker_cpu_s_per_million']:,.1f} s/M"
+        if lat:
+            line += f"; {lat['events']:,} transitions, reading→event p50 {fmt(lat['p50_ms'])} ms"
+            line += f", p99 {fmt(lat['p99_ms'])} ms"
+        if r.get("cpu_added_vs_no_rules") is not None:
+            line += f"; CPU added {r['cpu_added_vs_no_rules']:+.0%}"
+        return line
     if r["scenario"] == "live":
         lat = r["latency"]
         return line + (
@@ -857,6 +955,7 @@ def main() -> None:
         "mqtt": run_mqtt,
         **protocols.RUNNERS,
         **sinks.RUNNERS,
+        "alerts": run_alerts,
     }
     ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=", ".join(runners))
     ap.add_argument("--series", type=int_list, default=[1000, 10_000, 100_000], help="comma list")

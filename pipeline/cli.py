@@ -534,11 +534,34 @@ def demo(
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe([topo.agg_topic])
+    consumer.subscribe([topo.agg_topic] + ([topo.alerts_events_topic] if topo.alerts.rules else []))
     latest: dict[str, dict[str, Any]] = {}
+    alarms: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
 
-    def render() -> Table:
+    def render() -> Any:
+        from rich.console import Group
+
+        if not topo.alerts.rules:
+            return aggregates()
+        t = Table(title=f"alarms ({sum(1 for a in alarms.values() if a['state'] != 'normal')} not normal)")
+        for col in ("time (UTC)", "instance", "transition", "state", "severity", "value", "message"):
+            t.add_column(col)
+        for key in sorted(alarms, key=lambda k: -int(alarms[k]["ts"]))[:10]:
+            a = alarms[key]
+            style = {"unack": "bold red", "acked": "yellow", "rtn_unack": "cyan"}.get(a["state"], "green")
+            t.add_row(
+                datetime.fromtimestamp(a["ts"] / 1000, UTC).strftime("%H:%M:%S"),
+                key,
+                a["transition"],
+                f"[{style}]{a['state']}[/]",
+                a["severity"] or "",
+                _fmt(a.get("value")),
+                a["message"],
+            )
+        return Group(aggregates(), t)
+
+    def aggregates() -> Table:
         t = Table(
             title=f"plantstream demo — latest 1-minute aggregates ({len(latest)} series)",
             caption=f"running {int(time.monotonic() - started)} s · Ctrl-C to stop",
@@ -547,7 +570,7 @@ def demo(
             t.add_column(
                 col, justify="right" if col in ("count", "mean", "min", "max", "last", "stddev") else "left"
             )
-        for s in sorted(latest)[:40]:
+        for s in sorted(latest)[:30]:
             a = latest[s]
             t.add_row(
                 datetime.fromtimestamp(a["window_start"] / 1000, UTC).strftime("%H:%M"),
@@ -568,7 +591,10 @@ def demo(
                 msg = consumer.poll(0.5)
                 if msg is not None and msg.error() is None:
                     a = codec.loads(msg.value())
-                    latest[a["series"]] = a
+                    if msg.topic() == topo.agg_topic:
+                        latest[a["series"]] = a
+                    else:
+                        alarms[a["instance"]] = a
                 live.update(render())
                 if any(p.poll() is not None for p in procs):
                     console.print(f"[red]a demo process exited; see its log in {logs}/[/]")

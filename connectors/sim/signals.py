@@ -60,7 +60,9 @@ class EnergySite:
 
 @dataclass
 class AirHandlingUnit:
-    """Supply air tracking its set-point, outdoor air on a daily cycle, fan and damper positions."""
+    """Supply air tracking its set-point, outdoor air on a daily cycle, fan and damper positions. Now and then
+    (90 s in every 10 minutes, a little later for each unit) the heating valve sticks open and the supply air
+    overshoots by up to 8 K: an excursion for the demo's alert rules."""
 
     seed: int = 2
     _rng: random.Random = field(init=False)
@@ -85,10 +87,12 @@ class AirHandlingUnit:
         outdoor = 8.0 + 7.0 * math.sin(2 * math.pi * (hour - 9.0) / 24.0) + r.gauss(0, 0.1)
         sp = 17.0 if 6 <= hour < 19 else 15.0
         self._supply += (sp - self._supply) * min(1.0, dt / 120.0) + r.gauss(0, 0.05)
+        phase = (t + self.seed % 300) % 600
+        excursion = 8.0 * math.sin(math.pi * (phase - 300) / 90) if 300 <= phase < 390 else 0.0
         return {
             "outdoor.temperature": round(outdoor, 3),
             "return.temperature": round(21.5 + r.gauss(0, 0.1), 3),
-            "supply.temperature": round(self._supply, 3),
+            "supply.temperature": round(self._supply + excursion, 3),
             "supply.setpoint": sp,
             "fan.speed": round(65.0 + 10 * math.sin(t / 900.0) + r.gauss(0, 0.5), 2),
             "damper.position": round(min(100.0, max(0.0, 30.0 + (outdoor - 8.0) * 3.0)), 2),

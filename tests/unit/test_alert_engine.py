@@ -310,3 +310,36 @@ def test_the_topology_names_a_bad_rule_and_the_fix():
         }
     )
     assert ok.alerts.rules[0].matches("s/x/p") and not ok.alerts.rules[0].matches("s/x/q")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_routing_only_the_readings_that_matter_changes_no_transition(seed):
+    """Threshold rules see only readings beyond their loosest limit and those around them (Watch); the
+    transitions must be those of every reading, field for field."""
+    from pipeline.stages.alerts.routing import Watch
+
+    rng = random.Random(seed)
+    levels = sorted(rng.sample(range(60, 95), 2))
+    r = rule(
+        levels=[{"severity": "high", "above": levels[0]}, {"severity": "critical", "above": levels[1]}],
+        deadband=rng.choice([0.0, 0.5, 2.0]),
+        on_delay=rng.choice(["0s", "3s", "20s"]),
+        off_delay=rng.choice(["0s", "5s", "30s"]),
+        chatter={"activations": rng.choice([2, 3, 5]), "within": rng.choice(["30s", "2m"])},
+        realarm=rng.choice([None, "1m"]),
+    )
+    samples = []
+    t, v = T0, 50.0
+    for _ in range(3000):
+        t += rng.choice([1000, 1000, 1000, 7000, 45000])
+        v = v + 0.05 * (levels[0] - 8 - v) + rng.gauss(0, 3) + (25 if rng.random() < 0.01 else 0)
+        samples.append((t, round(v, 2), "bad" if rng.random() < 0.05 else "good"))
+    every = Engine([r])
+    want = [e for ts, x, q in samples for e in every.sample(r, "s/d/p", ts, x, q)]
+    watch = Watch([r])
+    some = Engine([r])
+    routed = [(ts, x, q) for ts, x, q in samples if watch.wants(ts, x, q)]
+    got = [e for ts, x, q in routed for e in some.sample(r, "s/d/p", ts, x, q)]
+    assert len(want) > 5
+    assert got == want
+    assert len(routed) < len(samples)

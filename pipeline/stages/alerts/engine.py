@@ -105,10 +105,10 @@ class Engine:
         if unit:
             inst.unit = unit
         out: list[Event] = []
-        self._settle(rule, inst, ts, out)
-        raw = self._raw(rule, inst, ts, value, quality, reference)
         if value is not None and math.isfinite(value):
             inst.last_value = value
+        self._settle(rule, inst, ts, out)
+        raw = self._raw(rule, inst, ts, value, quality, reference)
         if raw is not False and not isinstance(raw, bool):
             self._condition(rule, inst, ts, raw, out)
         self._realarm(rule, inst, ts, out)

@@ -31,43 +31,46 @@ class AlertRouting:
         self.agg_rules = [r for r in rules if r.input == "agg_1m"]
         self.kpi_rules = [r for r in rules if r.input == "kpi"]
         self.refs = {r.reference_point for r in self.reading_rules if r.reference_point}
-        self._devices: dict[tuple[str, str], tuple[list[str], list[str]] | None] = {}
-        self._points: dict[tuple[str, str, str], bool] = {}
+        self._devices: dict[tuple[str, str], list[AlertRule] | None] = {}
+        self._points: dict[tuple[str, str, str], Watch | None] = {}
         self._aggs: dict[str, bool] = {}
         self.routed = 0
 
-    def _device(self, site: str, device: str, rules: list[AlertRule]) -> list[str] | None:
-        """The point patterns of the rules whose site and device patterns match (None: no rule here)."""
-        pats = []
-        for r in rules:
-            ps, pd, pp = r.match.split("/", 2)
+    def _device(self, site: str, device: str) -> list[AlertRule] | None:
+        """The reading rules whose site and device patterns match (None: no rule here)."""
+        found = []
+        for r in self.reading_rules:
+            ps, pd, _ = r.match.split("/", 2)
             if fnmatch.fnmatchcase(site, ps) and fnmatch.fnmatchcase(device, pd):
-                pats.append(pp)
-        return pats or None
+                found.append(r)
+        return found or None
 
-    def _wanted(self, site: str, device: str, point: str, pats: list[str]) -> bool:
+    def _watch(self, site: str, device: str, point: str, rules: list[AlertRule]) -> Watch | None:
         key = (site, device, point)
-        hit = self._points.get(key)
-        if hit is None:
-            hit = point in self.refs or any(fnmatch.fnmatchcase(point, p) for p in pats)
-            self._points[key] = hit
-        return hit
+        if key not in self._points:
+            series = f"{site}/{device}/{point}"
+            mine = [r for r in rules if r.matches(series)]
+            self._points[key] = (
+                Watch(mine, reference=point in self.refs) if mine or point in self.refs else None
+            )
+        return self._points[key]
 
     def readings(self, produce: Produce, batch: dict[str, Any], until: int | None = None) -> None:
         site, device = batch["site"], batch["device"]
         dev = (site, device)
         if dev not in self._devices:
-            pats = self._device(site, device, self.reading_rules)
-            self._devices[dev] = (pats, []) if pats else None
-        entry = self._devices[dev]
-        if entry is None:
+            self._devices[dev] = self._device(site, device)
+        rules = self._devices[dev]
+        if rules is None and not self.refs:
             return
-        pats = entry[0]
-        samples = [
-            [r["point"], r["ts"], r["value"], r["quality"], r.get("unit")]
-            for r in batch["readings"]
-            if (until is None or r["ts"] <= until) and self._wanted(site, device, r["point"], pats)
-        ]
+        samples = []
+        for r in batch["readings"]:
+            ts = r["ts"]
+            if until is not None and ts > until:
+                continue
+            w = self._watch(site, device, r["point"], rules or [])
+            if w is not None and w.wants(ts, r["value"], r["quality"]):
+                samples.append([r["point"], ts, r["value"], r["quality"], r.get("unit")])
         if samples:
             body = {"k": "r", "site": site, "device": device, "s": samples}
             produce(self.topic, f"{site}/{device}".encode(), codec.dumps(body), max(s[1] for s in samples))
@@ -94,6 +97,58 @@ class AlertRouting:
             body = {"k": "k", "loop": rec["loop"], "r": rec}
             produce(self.topic, rec["loop"].encode(), codec.dumps(body), rec["window_start"])
             self.routed += 1
+
+
+class Watch:
+    """Which readings of one series the alerts stage needs.
+
+    Every reading, where a rule of the series is not a plain threshold (rate, deviation, quality and stale
+    rules look at every sample) or the series is a deviation reference. For threshold rules only, a reading
+    well inside every limit, after others like it for longer than the rules' delays and chatter period,
+    changes nothing but the instance's newest value: those stay behind. Routed are the readings beyond the
+    loosest limit (the limit less the deadband), and every reading for ``hold`` ms after one of them (long
+    enough for a return's off-delay, a pending raise being reset, a chattering instance settling), so the
+    transitions are exactly those of every reading. After a start the series is held open too.
+    """
+
+    __slots__ = ("after", "everything", "hold", "levels", "tail", "until")
+
+    def __init__(self, rules: list[AlertRule], reference: bool = False) -> None:
+        self.everything = reference or any(r.kind != "threshold" for r in rules)
+        self.levels = [(lv, r.deadband) for r in rules for lv in r.levels]
+        self.hold = max(
+            (max(r.on_delay, r.off_delay, r.chatter.within if r.chatter else 0) for r in rules), default=0
+        )
+        self.until: int | None = None  # route every reading up to this event time
+        self.after = False  # the last reading was beyond
+        self.tail = False  # readings were routed for the hold: route the first one after it too
+
+    def wants(self, ts: int, value: float, quality: str) -> bool:
+        if self.everything:
+            return True
+        if self.until is None:
+            self.until = ts + self.hold  # unknown since the start: the engine may be mid-transition
+            self.after = True
+        if quality != "good":
+            # Not a process value: it starts or ends nothing, but the engine sees it where it might settle.
+            return self.after or ts <= self.until or self.tail  # the tail waits for a good one
+        if any(lv.holds(value, db) for lv, db in self.levels):
+            self.after = True
+            self.until = max(self.until, ts + self.hold)
+            return True
+        if self.after:
+            # The first reading back inside: a return's off-delay (or a reset raise) starts here.
+            self.after = False
+            self.tail = True
+            self.until = max(self.until, ts + self.hold)
+            return True
+        if ts <= self.until:
+            self.tail = True
+            return True
+        if self.tail:
+            self.tail = False  # the first reading past the hold: where a delay that just ran out completes
+            return True
+        return False
 
 
 def command_key(instance: str) -> bytes:
