@@ -104,37 +104,59 @@ class Watch:
 
     Every reading, where a rule of the series is not a plain threshold (rate, deviation, quality and stale
     rules look at every sample) or the series is a deviation reference. For threshold rules only, a reading
-    well inside every limit, after others like it for longer than the rules' delays and chatter period,
-    changes nothing but the instance's newest value: those stay behind. Routed are the readings beyond the
-    loosest limit (the limit less the deadband), and every reading for ``hold`` ms after one of them (long
-    enough for a return's off-delay, a pending raise being reset, a chattering instance settling), so the
-    transitions are exactly those of every reading. After a start the series is held open too.
+    well inside every limit, after others like it for longer than the rules' delays, changes nothing but the
+    instance's newest value: those stay behind. Routed are the readings beyond the loosest limit (the limit
+    less the deadband), every reading for ``hold`` ms after one of them (a return's off-delay, a pending raise
+    being reset), and the first reading after that; where the series has crossed its limits often enough to
+    be chattering, the hold is the chatter period (so that it settles at the same reading). The transitions
+    are exactly those of every reading (a property test says so). After a start the series is held open.
     """
 
-    __slots__ = ("after", "everything", "hold", "levels", "tail", "until")
+    __slots__ = (
+        "after",
+        "chat",
+        "episodes",
+        "everything",
+        "hold",
+        "levels",
+        "n_chat",
+        "tail",
+        "until",
+        "within",
+    )
 
     def __init__(self, rules: list[AlertRule], reference: bool = False) -> None:
         self.everything = reference or any(r.kind != "threshold" for r in rules)
         self.levels = [(lv, r.deadband) for r in rules for lv in r.levels]
-        self.hold = max(
-            (max(r.on_delay, r.off_delay, r.chatter.within if r.chatter else 0) for r in rules), default=0
+        self.hold = max((max(r.on_delay, r.off_delay) for r in rules), default=0)
+        chatter = [r.chatter for r in rules if r.chatter is not None]
+        self.n_chat = min((c.activations for c in chatter), default=0)
+        # Raises are counted from their episode's start, up to an on-delay earlier.
+        self.within = max((c.within for c in chatter), default=0) + max(
+            (r.on_delay for r in rules), default=0
         )
+        self.episodes: list[int] = []  # starts of beyond stretches within `within`
+        self.chat = False  # crossings enough to be chattering: hold for the chatter period
         self.until: int | None = None  # route every reading up to this event time
-        self.after = False  # the last reading was beyond
+        self.after = False  # the last good reading was beyond
         self.tail = False  # readings were routed for the hold: route the first one after it too
 
     def wants(self, ts: int, value: float, quality: str) -> bool:
         if self.everything:
             return True
         if self.until is None:
-            self.until = ts + self.hold  # unknown since the start: the engine may be mid-transition
-            self.after = True
+            # Unknown since the start: the engine may be mid-transition or chattering.
+            self.until = ts + max(self.hold, self.within)
+            self.after = self.chat = True
         if quality != "good":
             # Not a process value: it starts or ends nothing, but the engine sees it where it might settle.
             return self.after or ts <= self.until or self.tail  # the tail waits for a good one
         if any(lv.holds(value, db) for lv, db in self.levels):
+            if not self.after and self.n_chat:
+                self.episodes = [t for t in self.episodes if t > ts - self.within] + [ts]
+                self.chat = self.chat or len(self.episodes) >= self.n_chat
             self.after = True
-            self.until = max(self.until, ts + self.hold)
+            self.until = max(self.until, ts + (max(self.hold, self.within) if self.chat else self.hold))
             return True
         if self.after:
             # The first reading back inside: a return's off-delay (or a reset raise) starts here.
@@ -145,6 +167,7 @@ class Watch:
         if ts <= self.until:
             self.tail = True
             return True
+        self.chat = False  # past the chatter period too: a chattering instance has settled by now
         if self.tail:
             self.tail = False  # the first reading past the hold: where a delay that just ran out completes
             return True
