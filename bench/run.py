@@ -582,7 +582,7 @@ def alert_rules(series: int, points: int) -> dict[str, Any]:
             {
                 "id": f"r{i}",
                 "match": f"site1/{device_name(d)}/p{q:03d}",
-                "levels": [{"severity": "high", "above": 99.9}],
+                "levels": [{"severity": "high", "above": 99.99}],
             }
         )
     return {"rules": rules}
