@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer
 
 from connectors.common.producer import TelemetryProducer
 from pipeline.control import alert_states, send_alert_command
@@ -17,6 +16,7 @@ from pipeline.deploy import deploy
 from pipeline.topology import validate_data
 from pipeline.worker import build_worker
 from tests.conftest import wait_for
+from tests.e2e.test_mqtt_to_postgres import read_dlq
 from tests.integration.test_event_time import minute_now, send
 
 pytestmark = pytest.mark.integration
@@ -100,28 +100,8 @@ def expected(start: int) -> list[tuple[str, int, str, str, str | None]]:
 
 
 def read_events(bootstrap: str, topic: str, n: int, timeout: float) -> list[dict[str, Any]]:
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"ev-{time.time_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    c.subscribe([topic])
-    out: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(out) < n:
-        for m in c.consume(100, 0.3):
-            if m.error() is None:
-                out.append(codec.loads(m.value()))
-    end = time.monotonic() + 2  # more than expected would be a finding too
-    while time.monotonic() < end:
-        for m in c.consume(100, 0.2):
-            if m.error() is None:
-                out.append(codec.loads(m.value()))
-    c.close()
-    return out
+    """Every record on ``topic`` (JSON), once ``n`` are there or the time is up, then 2 s more."""
+    return read_dlq(bootstrap, topic, n, timeout)  # reads any topic of JSON records, not only the DLQ
 
 
 def run_scenario(
@@ -226,8 +206,6 @@ def test_the_same_input_gives_the_same_events(namespace, services_env):
 
 
 def test_a_command_for_an_unknown_instance_goes_to_the_dlq(namespace):
-    from tests.e2e.test_mqtt_to_postgres import read_dlq
-
     topo = topology(namespace)
     deploy(topo, say=lambda m: None)
     worker = build_worker(topo, f"al-{namespace['tag']}")
