@@ -11,8 +11,6 @@ from __future__ import annotations
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +24,7 @@ from pipeline.core import codec
 from pipeline.stages.alerts.config import AlertRule
 from pipeline.stages.alerts.engine import Engine
 from tests.conftest import wait_for
-from tests.e2e.test_mqtt_to_postgres import publish, spawn, stop
+from tests.e2e.test_mqtt_to_postgres import deploy_cli, publish, spawn, stop
 from tests.integration.test_alerts import read_events
 
 pytestmark = pytest.mark.e2e
@@ -149,13 +147,7 @@ def test_alerts_end_to_end_with_sigkills(namespace, tmp_path, monkeypatch):
     }
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topo))
-    deployed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    deploy_cli(topo_file)
     messages, readings = traffic(ns["mqtt_root"])
     want = offline(readings)
     assert len(want) >= 20 and {"raise", "clear", "escalate", "chatter"} <= {e["transition"] for e in want}

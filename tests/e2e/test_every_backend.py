@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 import threading
 from typing import Any
 
@@ -22,7 +20,7 @@ from connectors.timescale.schema import timescale_status
 from pipeline.core import codec
 from tests import influxdb
 from tests.conftest import wait_for
-from tests.e2e.test_mqtt_to_postgres import agg_rows, publish, spawn, stop
+from tests.e2e.test_mqtt_to_postgres import agg_rows, deploy_cli, publish, spawn, stop
 from tests.reference import FIELDS, compare, expected_aggregates
 
 pytestmark = pytest.mark.e2e
@@ -144,16 +142,9 @@ def test_one_topology_into_every_backend_with_a_sigkill(namespace, influx_urls, 
     dsn, db = ns["PLANTSTREAM_PG_DSN"], f"t_{ns['tag']}"
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topology(ns, influx_urls)))
-    deployed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    said = deploy_cli(topo_file)
     ts_ok, why = timescale_status(dsn)
     if ts_ok:
-        said = deployed.stdout + deployed.stderr
         assert "hypertable" in said, said
     messages, readings = traffic(ns["mqtt_root"])
 

@@ -4,8 +4,6 @@ per-device clocks keep every on-time reading and duplicates change nothing (docs
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -13,7 +11,7 @@ import yaml
 
 from pipeline.core import codec
 from tests.conftest import wait_for
-from tests.e2e.test_mqtt_to_postgres import agg_rows, publish, read_dlq, spawn, stop, topology
+from tests.e2e.test_mqtt_to_postgres import agg_rows, deploy_cli, publish, read_dlq, spawn, stop, topology
 from tests.reference import compare, expected_aggregates
 
 pytestmark = pytest.mark.e2e
@@ -27,8 +25,7 @@ def test_a_fast_replay_with_duplicates_matches_pandas(namespace, tmp_path, monke
     topo["sinks"][0]["topics"] = ["agg_1m"]
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topo))
-    deploy = [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)]
-    assert subprocess.run(deploy, capture_output=True, timeout=120).returncode == 0
+    deploy_cli(topo_file)
 
     rng = random.Random(3)
     root = ns["mqtt_root"]

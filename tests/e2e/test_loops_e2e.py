@@ -31,6 +31,7 @@ from connectors.sim.loops import scenario
 from pipeline.stages.loops.engine import TAGS, LoopDef
 from pipeline.topology import load, validate_data
 from tests.conftest import wait_for
+from tests.e2e.test_mqtt_to_postgres import deploy_cli
 from tests.e2e.test_mqtt_to_postgres import stop as stop_processes
 from tests.unit.test_loops_reference import differences, reference_kpis
 
@@ -163,10 +164,7 @@ def test_loop_kpis_end_to_end_with_a_worker_restart(namespace, tmp_path):
     topo = validate_data(data)
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(data))
-    deployed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)], capture_output=True, timeout=120
-    )
-    assert deployed.returncode == 0, deployed.stderr.decode()[-2000:]
+    deploy_cli(topo_file)
 
     # Exactly what will be published (the simulations are deterministic), for the truth and the reference.
     steps = list(loop_steps(simulated_loops(topo, T0), until_ms=T0 + RUN_MS))

@@ -204,6 +204,19 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def deploy_cli(topo_file: Path) -> str:
+    """``plantstream deploy`` of a topology file in a child process; what it said (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-2000:]
+    return said
+
+
 def stop(procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
     """SIGTERM to every process still running, then wait for each; kill what does not stop in time."""
     for p in procs:
@@ -260,12 +273,7 @@ def test_mqtt_to_postgres_matches_pandas_with_a_worker_restart(namespace, tmp_pa
     ns = namespace
     topo_file = tmp_path / "topology.yaml"
     topo_file.write_text(yaml.safe_dump(topology(ns)))
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)], capture_output=True, timeout=120
-        ).returncode
-        == 0
-    )
+    deploy_cli(topo_file)
 
     messages, on_time, late, malformed = make_traffic(ns)
     assert len(on_time) >= 10_000 and len({s for s, *_ in on_time}) >= 5 and len(malformed) >= 20
