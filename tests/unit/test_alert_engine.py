@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -180,9 +181,22 @@ def test_chattering_marks_and_releases():
         ("raise", False),
         ("clear", False),
     ]
-    settled = e.sample(r, "s/d/p", T0 + 3 * 60 * S + 10 * 60 * S, 70)
-    assert [(x["transition"], x["chattering"], x["state"]) for x in settled] == [
-        ("settle", False, "rtn_unack")
+    # Quiet for the chatter period since the last raise (T0 + 3 min): it settles at that moment, on the
+    # device's clock when no sample of its own comes (the routing sends the clock), or on its next sample.
+    assert e.clock("r/s/d/p", T0 + 13 * 60 * S - 1) == []
+    ticked = e.clock("r/s/d/p", T0 + 14 * 60 * S)
+    assert [(x["ts"], x["transition"], x["chattering"], x["state"], x["value"]) for x in ticked] == [
+        (T0 + 13 * 60 * S, "settle", False, "rtn_unack", None)
+    ]
+    assert e.sample(r, "s/d/p", T0 + 15 * 60 * S, 70) == []
+
+    again = Engine([r])
+    for i in range(4):
+        again.sample(r, "s/d/p", T0 + i * 60 * S, 85)
+        again.sample(r, "s/d/p", T0 + i * 60 * S + 30 * S, 70)
+    settled = again.sample(r, "s/d/p", T0 + 14 * 60 * S, 70)
+    assert [(x["ts"], x["transition"], x["state"]) for x in settled] == [
+        (T0 + 13 * 60 * S, "settle", "rtn_unack")
     ]
 
 
@@ -314,9 +328,10 @@ def test_the_topology_names_a_bad_rule_and_the_fix():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_routing_only_the_readings_that_matter_changes_no_transition(seed):
-    """Threshold rules see only readings beyond their loosest limit and those around them (Watch); the
-    transitions must be those of every reading, field for field."""
-    from pipeline.stages.alerts.routing import Watch
+    """Threshold rules see only readings beyond their loosest limit and those around them (Watch), and the
+    device's clock; the transitions must be those of every reading, field for field, also for a routing that
+    starts over (a worker restart) while the alarm is mid-way."""
+    from pipeline.stages.alerts.routing import AlertRouting
 
     rng = random.Random(seed)
     levels = sorted(rng.sample(range(60, 95), 2))
@@ -336,10 +351,62 @@ def test_routing_only_the_readings_that_matter_changes_no_transition(seed):
         samples.append((t, round(v, 2), "bad" if rng.random() < 0.05 else "good"))
     every = Engine([r])
     want = [e for ts, x, q in samples for e in every.sample(r, "s/d/p", ts, x, q)]
-    watch = Watch([r])
+    restarts = set(rng.sample(range(len(samples)), 3))
+    routing = AlertRouting("alerts.samples", [r])
+    sent: list[dict[str, Any]] = []
     some = Engine([r])
-    routed = [(ts, x, q) for ts, x, q in samples if watch.wants(ts, x, q)]
-    got = [e for ts, x, q in routed for e in some.sample(r, "s/d/p", ts, x, q)]
+    got: list[dict[str, Any]] = []
+    routed = 0
+    for i, (ts, x, q) in enumerate(samples):
+        if i in restarts:
+            routing = AlertRouting("alerts.samples", [r])  # knows nothing of the alarm
+        batch = {"site": "s", "device": "d", "readings": [{"point": "p", "ts": ts, "value": x, "quality": q}]}
+        routing.readings(lambda topic, key, value, ts: sent.append(json.loads(value)), batch)
+        while sent:  # what the alerts stage does with a message: its samples, then the device's clock
+            body = sent.pop(0)
+            routed += len(body["s"])
+            for point, ts_, value, quality, _unit in body["s"]:
+                got += some.sample(r, f"s/d/{point}", ts_, value, quality)
+            got += some.clock("r/s/d/p", body["t"])
     assert len(want) > 5
     assert got == want
-    assert len(routed) < len(samples)
+    assert routed < len(samples)
+
+
+def test_a_quiet_series_sends_its_clock_once_a_second_and_no_readings():
+    """After a start (every reading of the hold, and the first after it) a series inside its limits sends
+    nothing but its device's clock, once a second of event time, however often it is read."""
+    from pipeline.stages.alerts.routing import AlertRouting
+
+    r = rule(on_delay="5s", off_delay="5s", chatter={"activations": 3, "within": "10m"})
+    routing = AlertRouting("alerts.samples", [r])
+    sent: list[dict[str, Any]] = []
+    for i in range(6000):  # 10 minutes at 10 Hz
+        reading = {"point": "p", "ts": T0 + i * 100, "value": 50.0 + i % 7, "quality": "good"}
+        batch = {"site": "s", "device": "d", "readings": [reading]}
+        routing.readings(lambda topic, key, value, ts: sent.append(json.loads(value)), batch)
+    assert sum(len(b["s"]) for b in sent) == 5 * 10 + 2  # the hold of 5 s, its first reading and the tail
+    assert routing.ticks == 600 - 6  # one a second after the hold
+    assert all(b["t"] == max([b["t"], *(s[1] for s in b["s"])]) for b in sent)
+
+
+def test_the_rule_index_finds_what_trying_every_rule_finds():
+    from pipeline.stages.alerts.config import RuleIndex
+
+    rng = random.Random(3)
+    parts = [["hq", "plant", "h*", "*"], ["ahu1", "ahu2", "ahu?", "*", "[ab]*"], ["t", "p", "t*", "*"]]
+    rules = [rule(id=f"r{i}", match="/".join(rng.choice(c) for c in parts)) for i in range(300)]
+    loops = [
+        rule(id=f"k{i}", input="kpi", field="iae", match=rng.choice(["FIC1", "FIC2", "F*"]))
+        for i in range(30)
+    ]
+    index, kpis = RuleIndex(rules), RuleIndex(loops)
+    for site in ("hq", "plant", "h2", "x"):
+        for device in ("ahu1", "ahu2", "ahu3", "boiler", "a"):
+            on_device = [r for r in rules if r.matches(f"{site}/{device}/{r.match.split('/')[2]}")]
+            assert index.for_device(site, device) == on_device
+            for point in ("t", "p", "t2", "zz"):
+                series = f"{site}/{device}/{point}"
+                assert index.matching(series) == [r for r in rules if r.matches(series)]
+    for loop in ("FIC1", "FIC2", "TIC1"):
+        assert kpis.matching(loop) == [r for r in loops if r.matches(loop)]

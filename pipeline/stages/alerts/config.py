@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -199,3 +200,55 @@ class Alerts(Model):
         if self.subscribers and not self.rules:
             raise ValueError("subscribers without rules get nothing: add alerts.rules")
         return self
+
+
+_WILD = re.compile(r"[*?\[]")
+
+
+class RuleIndex:
+    """The rules whose ``match`` selects a source, found without trying every rule: thousands of rules, one per
+    series, are the common case. Patterns with a literal site and device are filed under ``site/device`` (and
+    the point, where it is literal too); the rest are tried one by one. Rules come back in topology order."""
+
+    def __init__(self, rules: Iterable[AlertRule]) -> None:
+        self.devices: dict[
+            str, tuple[dict[str, list[tuple[int, AlertRule]]], list[tuple[int, AlertRule]]]
+        ] = {}
+        self.loops: dict[str, list[tuple[int, AlertRule]]] = {}
+        self.wild: list[tuple[int, AlertRule]] = []
+        self.any = False
+        for i, r in enumerate(rules):
+            self.any = True
+            parts = r.match.split("/")
+            if len(parts) == 3 and not _WILD.search(parts[0]) and not _WILD.search(parts[1]):
+                points, others = self.devices.setdefault(f"{parts[0]}/{parts[1]}", ({}, []))
+                if _WILD.search(parts[2]):
+                    others.append((i, r))
+                else:
+                    points.setdefault(parts[2], []).append((i, r))
+            elif len(parts) == 1 and not _WILD.search(r.match):
+                self.loops.setdefault(r.match, []).append((i, r))
+            else:
+                self.wild.append((i, r))
+
+    def matching(self, source: str) -> list[AlertRule]:
+        parts = source.split("/")
+        found: list[tuple[int, AlertRule]] = []
+        if len(parts) == 3:
+            points, others = self.devices.get(f"{parts[0]}/{parts[1]}", ({}, []))
+            found += points.get(parts[2], [])
+            found += [x for x in others if x[1].matches(source)]
+        else:
+            found += self.loops.get(source, [])
+        found += [x for x in self.wild if x[1].matches(source)]
+        return [r for _, r in sorted(found, key=lambda x: x[0])]
+
+    def for_device(self, site: str, device: str) -> list[AlertRule]:
+        """The rules of series ``site/device/*`` (some may not match a given point)."""
+        points, others = self.devices.get(f"{site}/{device}", ({}, []))
+        found = [x for xs in points.values() for x in xs] + others
+        for i, r in self.wild:
+            ps, pd = [*r.match.split("/"), "", ""][:2]
+            if fnmatch.fnmatchcase(site, ps) and fnmatch.fnmatchcase(device, pd):
+                found.append((i, r))
+        return [r for _, r in sorted(found, key=lambda x: x[0])]

@@ -10,15 +10,16 @@ calls for (``None``: inactive), after the deadband and the on/off delays; its *a
 An escalation of an acknowledged alarm makes it ``unack`` again; shelving (timed), suppression by design and
 out of service are flags beside the state: transitions go on being recorded but are not notified. An instance
 that raises ``chatter.activations`` times within ``chatter.within`` is chattering: its raises and clears are
-recorded without notification until it has been quiet for ``within`` (then one ``settle`` event says where it
-stands). Every call returns the events it caused, each with a stable id ``<instance>#<seq>``: the same input
-in the same order gives the same events, which is what makes replays and restarts exactly-once for readers
-that key on the id.
+recorded without notification until it has been quiet for ``within`` (then one ``settle`` event, stamped
+at that moment, says where it stands: on the next sample, or on the device's clock passing it). Every call
+returns the events it caused, each with a stable id ``<instance>#<seq>``: the same input in the same order
+gives the same events, which is what makes replays and restarts exactly-once for readers that key on the id.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +76,17 @@ class Engine:
     def __init__(self, rules: list[AlertRule]) -> None:
         self.rules = {r.id: r for r in rules}
         self.instances: dict[str, Instance] = {}
+        self.shelved: set[str] = set()  # keys of shelved instances (expiry looks at these only)
+
+    def adopt(self, inst: Instance) -> None:
+        """Take an instance restored from the state topic."""
+        self.instances[inst.key] = inst
+        if inst.shelved_until is not None:
+            self.shelved.add(inst.key)
+
+    def forget(self, key: str) -> None:
+        self.instances.pop(key, None)
+        self.shelved.discard(key)
 
     # -- instances ----------------------------------------------------------------------------------
     def instance(self, rule: AlertRule, source: str) -> Instance:
@@ -204,9 +216,23 @@ class Engine:
         return rule.chatter.within if rule.chatter is not None else 0
 
     def _settle(self, rule: AlertRule, inst: Instance, ts: int, out: list[Event]) -> None:
-        if inst.chattering and inst.activations and ts - inst.activations[-1] >= self._within(rule):
-            inst.chattering = False
-            out.append(self._event(rule, inst, ts, "settle", notify=True))
+        if inst.chattering and inst.activations:
+            # Settled the moment it has been quiet for the chatter period, whatever time told us so.
+            at = inst.activations[-1] + self._within(rule)
+            if ts >= at:
+                inst.chattering = False
+                out.append(self._event(rule, inst, at, "settle", notify=True, valueless=True))
+
+    def clock(self, key: str, ts: int) -> list[Event]:
+        """The clock of an instance's input (its device's newest event time) reached ``ts``: a chattering
+        instance quiet for its chatter period settles, though no sample of its own came."""
+        inst = self.instances.get(key)
+        rule = self.rules.get(inst.rule) if inst is not None else None
+        if inst is None or rule is None:
+            return []
+        out: list[Event] = []
+        self._settle(rule, inst, ts, out)
+        return out
 
     def _realarm(self, rule: AlertRule, inst: Instance, ts: int, out: list[Event]) -> None:
         if (
@@ -219,7 +245,7 @@ class Engine:
             out.append(self._event(rule, inst, ts, "realarm"))
 
     # -- operator commands ----------------------------------------------------------------------------
-    def command(self, cmd: dict[str, Any]) -> list[Event]:
+    def command(self, cmd: dict[str, Any], clock: int | None = None) -> list[Event]:
         """An AlertCommand ``{id, instance, action, by, at, comment?, duration_ms?}``; the same id twice
         changes nothing the second time. Unknown instances and rules are ignored (the stage dead-letters)."""
         inst = self.instances.get(cmd["instance"])
@@ -230,13 +256,15 @@ class Engine:
         inst.commands = ([*inst.commands, cmd["id"]])[-KEEP_COMMAND_IDS:]
         rule = self.rules[inst.rule]
         action, at = cmd["action"], int(cmd["at"])
-        ts = inst.last_ts if inst.last_ts is not None else at
+        ts = self._now(inst, clock, at)
         if action == "ack":
             inst.state = {"unack": "acked", "rtn_unack": "normal"}.get(inst.state, inst.state)
         elif action == "shelve":
             inst.shelved_until = at + int(cmd["duration_ms"])
+            self.shelved.add(inst.key)
         elif action == "unshelve":
             inst.shelved_until = None
+            self.shelved.discard(inst.key)
         elif action in ("suppress", "release"):
             inst.suppressed = action == "suppress"
         elif action in ("disable", "enable"):
@@ -247,15 +275,29 @@ class Engine:
             self._event(rule, inst, ts, action, by=cmd.get("by"), comment=cmd.get("comment"), command=cmd)
         ]
 
-    def expire_shelves(self, wall_ms: int) -> list[Event]:
+    def expire_shelves(
+        self, wall_ms: int, clocks: Callable[[Instance], int | None] | None = None
+    ) -> list[Event]:
         """Shelves whose time is up end by themselves (wall clock: operators shelve in wall time)."""
         out: list[Event] = []
-        for inst in self.instances.values():
-            if inst.shelved_until is not None and wall_ms >= inst.shelved_until and inst.rule in self.rules:
+        for key in sorted(self.shelved):
+            inst = self.instances.get(key)
+            if inst is None or inst.shelved_until is None:
+                self.shelved.discard(key)
+                continue
+            if wall_ms >= inst.shelved_until and inst.rule in self.rules:
                 inst.shelved_until = None
-                ts = inst.last_ts if inst.last_ts is not None else wall_ms
+                self.shelved.discard(key)
+                ts = self._now(inst, clocks(inst) if clocks else None, wall_ms)
                 out.append(self._event(self.rules[inst.rule], inst, ts, "unshelve", by="expiry"))
         return out
+
+    @staticmethod
+    def _now(inst: Instance, clock: int | None, otherwise: int) -> int:
+        """The event time of a command's event: the instance's input clock (its device's newest reading,
+        which may be newer than the instance's last sample: quiet readings are not routed to it)."""
+        known = [t for t in (inst.last_ts, clock) if t is not None]
+        return max(known) if known else otherwise
 
     # -- events -------------------------------------------------------------------------------------
     def _event(
@@ -269,6 +311,7 @@ class Engine:
         by: str | None = None,
         comment: str | None = None,
         command: dict[str, Any] | None = None,
+        valueless: bool = False,
     ) -> Event:
         inst.seq += 1
         level = inst.level
@@ -278,7 +321,8 @@ class Engine:
             notify = not quiet and not (
                 inst.chattering and transition in ("raise", "clear", "escalate", "deescalate")
             )
-        value = inst.last_value
+        # A settle is about notifications, not a value: it carries none (it may come on a clock tick).
+        value = None if valueless else inst.last_value
         fields = {
             "rule": rule.id,
             "series": inst.source,

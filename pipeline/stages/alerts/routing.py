@@ -6,84 +6,93 @@ stage every KPI record; the routing sends the samples some rule watches to ``ale
 :class:`CommandRouting`), so that one stage, on one partition, sees everything about an alarm instance in
 order. A device no rule names costs one dict lookup per batch.
 
-Message shapes on ``alerts.samples`` (JSON): ``{"k": "r", "site", "device", "s": [[point, ts, value,
-quality, unit], ...]}`` for readings, ``{"k": "a", "site", "device", "a": [aggregate, ...]}`` for aggregates,
-``{"k": "k", "loop", "r": LoopKpi}`` for KPIs, ``{"k": "c", "c": AlertCommand}`` for commands.
+Message shapes on ``alerts.samples`` (JSON): ``{"k": "r", "site", "device", "t": clock, "s": [[point, ts,
+value, quality, unit], ...]}`` for readings (``t``: the device's newest event time; ``s`` may be empty),
+``{"k": "a", "site", "device", "a": [aggregate, ...]}`` for aggregates, ``{"k": "k", "loop", "r": LoopKpi}``
+for KPIs, ``{"k": "c", "c": AlertCommand}`` for commands.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from pipeline.core import codec
-from pipeline.stages.alerts.config import AlertRule
+from pipeline.stages.alerts.config import AlertRule, RuleIndex
 
 Produce = Callable[..., None]
 
+TICK_MS = 1000  # how often, in event time, a device's clock goes to the alerts stage alone
+
 
 class AlertRouting:
-    def __init__(self, topic: str, rules: Iterable[AlertRule]) -> None:
+    def __init__(self, topic: str, rules: Iterable[AlertRule], tick_ms: int = TICK_MS) -> None:
         self.topic = topic
+        self.tick_ms = tick_ms
         rules = list(rules)
-        self.reading_rules = [r for r in rules if r.input == "readings"]
-        self.agg_rules = [r for r in rules if r.input == "agg_1m"]
-        self.kpi_rules = [r for r in rules if r.input == "kpi"]
-        self.refs = {r.reference_point for r in self.reading_rules if r.reference_point}
-        self._devices: dict[tuple[str, str], list[AlertRule] | None] = {}
-        self._points: dict[tuple[str, str, str], Watch | None] = {}
+        self.reading_rules = RuleIndex(r for r in rules if r.input == "readings")
+        self.agg_rules = RuleIndex(r for r in rules if r.input == "agg_1m")
+        self.kpi_rules = RuleIndex(r for r in rules if r.input == "kpi")
+        self.refs = {r.reference_point for r in rules if r.input == "readings" and r.reference_point}
+        self._devices: dict[tuple[str, str], _Device | None] = {}
         self._aggs: dict[str, bool] = {}
         self.routed = 0
+        self.ticks = 0
 
-    def _device(self, site: str, device: str) -> list[AlertRule] | None:
-        """The reading rules whose site and device patterns match (None: no rule here)."""
-        found = []
-        for r in self.reading_rules:
-            ps, pd, _ = r.match.split("/", 2)
-            if fnmatch.fnmatchcase(site, ps) and fnmatch.fnmatchcase(device, pd):
-                found.append(r)
-        return found or None
-
-    def _watch(self, site: str, device: str, point: str, rules: list[AlertRule]) -> Watch | None:
-        key = (site, device, point)
-        if key not in self._points:
-            series = f"{site}/{device}/{point}"
-            mine = [r for r in rules if r.matches(series)]
-            self._points[key] = (
-                Watch(mine, reference=point in self.refs) if mine or point in self.refs else None
-            )
-        return self._points[key]
+    def _device(self, site: str, device: str) -> _Device | None:
+        """The reading rules whose site and device patterns match (None: no rule and no reference here)."""
+        found = self.reading_rules.for_device(site, device)
+        return _Device(site, device, self.reading_rules, found, self.refs) if found or self.refs else None
 
     def readings(self, produce: Produce, batch: dict[str, Any], until: int | None = None) -> None:
         site, device = batch["site"], batch["device"]
         dev = (site, device)
-        if dev not in self._devices:
-            self._devices[dev] = self._device(site, device)
-        rules = self._devices[dev]
-        if rules is None and not self.refs:
+        d = self._devices.get(dev, _MISSING)
+        if d is _MISSING:
+            d = self._devices[dev] = self._device(site, device)
+        if d is None:
             return
+        assert isinstance(d, _Device)
         samples = []
+        watches = d.watches
+        clock = d.clock
         for r in batch["readings"]:
             ts = r["ts"]
             if until is not None and ts > until:
                 continue
-            w = self._watch(site, device, r["point"], rules or [])
-            if w is not None and w.wants(ts, r["value"], r["quality"]):
-                samples.append([r["point"], ts, r["value"], r["quality"], r.get("unit")])
-        if samples:
-            body = {"k": "r", "site": site, "device": device, "s": samples}
-            produce(self.topic, f"{site}/{device}".encode(), codec.dumps(body), max(s[1] for s in samples))
+            if ts > clock:
+                clock = ts
+            point = r["point"]
+            w = watches.get(point, _MISSING)
+            if w is _MISSING:
+                w = d.watch(point)
+            if w is None:
+                continue
+            v = r["value"]
+            # The common case inline: a good reading inside the band of a series at rest.
+            if ts > w.rest and w.lo <= v <= w.hi and r["quality"] == "good":
+                continue
+            if w.wants(ts, v, r["quality"]):
+                samples.append([point, ts, r["value"], r["quality"], r.get("unit")])
+        d.clock = clock
+        # The device's clock travels with its samples, and alone (a tick) once per tick_ms of event time
+        # where nothing else is routed: chattering alarms settle and stale rules fire by it.
+        if samples or (d.rules and clock >= d.ticked + self.tick_ms):
+            d.ticked = clock
+            body = {"k": "r", "site": site, "device": device, "t": clock, "s": samples}
+            produce(self.topic, d.key, codec.dumps(body), clock)
             self.routed += len(samples)
+            self.ticks += not samples
 
     def aggregates(self, produce: Produce, aggs: list[dict[str, Any]]) -> None:
-        if not self.agg_rules:
+        if not self.agg_rules.any:
             return
         by_dev: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for a in aggs:
             hit = self._aggs.get(a["series"])
             if hit is None:
-                hit = self._aggs[a["series"]] = any(r.matches(a["series"]) for r in self.agg_rules)
+                hit = self._aggs[a["series"]] = bool(self.agg_rules.matching(a["series"]))
             if hit:
                 by_dev.setdefault((a["site"], a["device"]), []).append(a)
         for (site, device), items in by_dev.items():
@@ -93,10 +102,35 @@ class AlertRouting:
             self.routed += len(items)
 
     def kpis(self, produce: Produce, rec: dict[str, Any]) -> None:
-        if any(r.matches(rec["loop"]) for r in self.kpi_rules):
+        if self.kpi_rules.any and self.kpi_rules.matching(rec["loop"]):
             body = {"k": "k", "loop": rec["loop"], "r": rec}
             produce(self.topic, rec["loop"].encode(), codec.dumps(body), rec["window_start"])
             self.routed += 1
+
+
+_MISSING: Any = object()
+
+
+class _Device:
+    """One device's rules, the watches of its points (made on first sight), and its event-time clock."""
+
+    __slots__ = ("clock", "device", "index", "key", "refs", "rules", "site", "ticked", "watches")
+
+    def __init__(
+        self, site: str, device: str, index: RuleIndex, rules: list[AlertRule], refs: set[str]
+    ) -> None:
+        self.site, self.device, self.index, self.rules, self.refs = site, device, index, rules, refs
+        self.key = f"{site}/{device}".encode()
+        self.watches: dict[str, Watch | None] = {}
+        self.clock = 0  # the newest event time among its readings
+        self.ticked = 0  # the clock last sent
+
+    def watch(self, point: str) -> Watch | None:
+        series = f"{self.site}/{self.device}/{point}"
+        mine = self.index.matching(series) if self.rules else []
+        ref = point in self.refs
+        w = self.watches[point] = Watch(mine, reference=ref) if mine or ref else None
+        return w
 
 
 class Watch:
@@ -107,56 +141,54 @@ class Watch:
     well inside every limit, after others like it for longer than the rules' delays, changes nothing but the
     instance's newest value: those stay behind. Routed are the readings beyond the loosest limit (the limit
     less the deadband), every reading for ``hold`` ms after one of them (a return's off-delay, a pending raise
-    being reset), and the first reading after that; where the series has crossed its limits often enough to
-    be chattering, the hold is the chatter period (so that it settles at the same reading). The transitions
-    are exactly those of every reading (a property test says so). After a start the series is held open.
+    being reset), and the first reading after that. The engine's timers that run without readings (a
+    chattering alarm settling, a stale series) run on the device clock the routing sends beside. After a
+    start the watch knows nothing of the alarm, so it routes as if the last reading had been beyond. The
+    transitions are exactly those of every reading (a property test says so).
     """
 
-    __slots__ = (
-        "after",
-        "chat",
-        "episodes",
-        "everything",
-        "hold",
-        "levels",
-        "n_chat",
-        "tail",
-        "until",
-        "within",
-    )
+    __slots__ = ("after", "everything", "hi", "hold", "lo", "rest", "tail", "until")
 
     def __init__(self, rules: list[AlertRule], reference: bool = False) -> None:
         self.everything = reference or any(r.kind != "threshold" for r in rules)
-        self.levels = [(lv, r.deadband) for r in rules for lv in r.levels]
+        # The quiet band: inside every limit less its deadband, where a value calls for no level.
+        self.lo, self.hi = -math.inf, math.inf
+        for r in rules:
+            for lv in r.levels:
+                if lv.above is not None:
+                    self.hi = min(self.hi, lv.above - r.deadband)
+                elif lv.below is not None:
+                    self.lo = max(self.lo, lv.below + r.deadband)
+                elif lv.outside is not None:
+                    self.hi = min(self.hi, lv.outside - r.deadband)
+                    self.lo = max(self.lo, -(lv.outside - r.deadband))
         self.hold = max((max(r.on_delay, r.off_delay) for r in rules), default=0)
-        chatter = [r.chatter for r in rules if r.chatter is not None]
-        self.n_chat = min((c.activations for c in chatter), default=0)
-        # Raises are counted from their episode's start, up to an on-delay earlier.
-        self.within = max((c.within for c in chatter), default=0) + max(
-            (r.on_delay for r in rules), default=0
-        )
-        self.episodes: list[int] = []  # starts of beyond stretches within `within`
-        self.chat = False  # crossings enough to be chattering: hold for the chatter period
         self.until: int | None = None  # route every reading up to this event time
         self.after = False  # the last good reading was beyond
         self.tail = False  # readings were routed for the hold: route the first one after it too
+        self.rest: float = math.inf  # at rest after this event time: good readings in the band stay behind
 
     def wants(self, ts: int, value: float, quality: str) -> bool:
+        routed = self._wants(ts, value, quality)
+        if not (self.everything or self.after or self.tail) and self.until is not None:
+            self.rest = self.until
+        else:
+            self.rest = math.inf
+        return routed
+
+    def _wants(self, ts: int, value: float, quality: str) -> bool:
         if self.everything:
             return True
         if self.until is None:
-            # Unknown since the start: the engine may be mid-transition or chattering.
-            self.until = ts + max(self.hold, self.within)
-            self.after = self.chat = True
-        if quality != "good":
-            # Not a process value: it starts or ends nothing, but the engine sees it where it might settle.
-            return self.after or ts <= self.until or self.tail  # the tail waits for a good one
-        if any(lv.holds(value, db) for lv, db in self.levels):
-            if not self.after and self.n_chat:
-                self.episodes = [t for t in self.episodes if t > ts - self.within] + [ts]
-                self.chat = self.chat or len(self.episodes) >= self.n_chat
+            # Unknown since the start: the engine may be mid-transition.
+            self.until = ts + self.hold
             self.after = True
-            self.until = max(self.until, ts + (max(self.hold, self.within) if self.chat else self.hold))
+        if quality != "good":
+            # Not a process value: it starts or ends nothing, but the engine sees it where a delay may end.
+            return self.after or ts <= self.until or self.tail  # the tail waits for a good one
+        if not self.lo <= value <= self.hi:  # beyond a limit (or not a number)
+            self.after = True
+            self.until = max(self.until, ts + self.hold)
             return True
         if self.after:
             # The first reading back inside: a return's off-delay (or a reset raise) starts here.
@@ -167,7 +199,6 @@ class Watch:
         if ts <= self.until:
             self.tail = True
             return True
-        self.chat = False  # past the chatter period too: a chattering instance has settled by now
         if self.tail:
             self.tail = False  # the first reading past the hold: where a delay that just ran out completes
             return True

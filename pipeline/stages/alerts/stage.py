@@ -23,7 +23,7 @@ from pipeline.core import codec
 from pipeline.core.kafka import read_all
 from pipeline.core.records import HEARTBEAT_KEY
 from pipeline.core.topology import TopologyBase
-from pipeline.stages.alerts.config import AlertRule
+from pipeline.stages.alerts.config import AlertRule, RuleIndex
 from pipeline.stages.alerts.engine import Engine, Event, Instance
 from pipeline.stages.runtime import Step
 from pipeline.stages.state import PartitionedStore
@@ -43,9 +43,14 @@ class AlertStep(Step):
         self.owner: dict[str, int] = {}  # instance -> input partition
         self.dirty: dict[int, set[str]] = {}
         self.arrived: dict[str, float] = {}  # stale instances: monotonic time of their last sample
-        self.clock: dict[int, int] = {}  # partition -> newest event time seen on it
+        # Event-time clocks of the inputs (``r/site/device``, ``a/site/device``, ``k/loop``), and the
+        # instances whose timers run on one (stale rules; chattering alarms, until they settle).
+        self.clocks: dict[str, int] = {}
+        self.timed: dict[str, set[str]] = {}
+        self.refs: dict[int, dict[str, float]] = {}  # partition -> newest reference values not yet durable
         self.events = 0
         self._matching: dict[tuple[str, str], list[AlertRule]] = {}  # (input, source) -> its rules
+        self.index = {k: RuleIndex(r for r in rules if r.input == k) for k in ("readings", "agg_1m", "kpi")}
         self.ref_points = {r.reference_point for r in rules if r.reference_point}
         self.stale = {r.id: r for r in rules if r.kind == "stale" and r.span}
 
@@ -60,9 +65,10 @@ class AlertStep(Step):
                 if self.store[key].get("_p", p) != p or key[2:] in self.owner:
                     continue
                 inst = Instance.from_dict({k: v for k, v in self.store[key].items() if k != "_p"})
-                self.engine.instances[inst.key] = inst
+                self.engine.adopt(inst)
                 self.owner[inst.key] = p
                 self.arrived[inst.key] = now
+                self._time(inst)
                 n += 1
             log.info("alerts: partition %d: %d alarm instance(s) restored", p, n)
 
@@ -70,15 +76,21 @@ class AlertStep(Step):
         for p in partitions:
             self.store.drop(p)
             self.dirty.pop(p, None)
+            self.refs.pop(p, None)
             for key in [k for k, q in self.owner.items() if q == p]:
                 del self.owner[key]
-                self.engine.instances.pop(key, None)
+                inst = self.engine.instances.get(key)
+                if inst is not None:
+                    self.timed.get(self._clock_of(inst), set()).discard(key)
+                self.engine.forget(key)
                 self.arrived.pop(key, None)
 
     def durable(self, partitions: list[int]) -> None:
         outbox = self.stage.outbox
         for p in partitions:
             self.store.partition = p
+            for key, value in sorted(self.refs.pop(p, {}).items()):
+                self.store[key] = value  # the newest only: not one write per reading
             for key in sorted(self.dirty.pop(p, ())):
                 inst = self.engine.instances.get(key)
                 if inst is not None:
@@ -108,8 +120,6 @@ class AlertStep(Step):
                 )
                 continue
             self._emit(p, events)
-        for p in {m.partition() for m in msgs}:
-            self._silences(p, self.clock.get(p))
 
     def _rules_for(self, kind: str, source: str) -> list[AlertRule]:
         """The rules of input ``kind`` that watch ``source`` (matched once per source: thousands of rules
@@ -117,7 +127,7 @@ class AlertStep(Step):
         key = (kind, source)
         found = self._matching.get(key)
         if found is None:
-            found = self._matching[key] = [r for r in self.rules if r.input == kind and r.matches(source)]
+            found = self._matching[key] = self.index[kind].matching(source)
         return found
 
     def _handle(self, p: int, body: dict[str, Any]) -> list[Event]:
@@ -127,26 +137,30 @@ class AlertStep(Step):
         if k == "r":
             site, device = body["site"], body["device"]
             latest: dict[str, float] = {}  # this device's newest values, for deviation references
+            clock = int(body.get("t") or 0)
             for point, ts, value, quality, unit in body["s"]:
                 series = f"{site}/{device}/{point}"
-                self.clock[p] = max(self.clock.get(p, ts), ts)
+                clock = max(clock, ts)
                 if quality == "good":
                     latest[point] = value
                 for r in self._rules_for("readings", series):
                     ref = latest.get(r.reference_point) if r.reference_point else None
                     if r.reference_point and ref is None:
-                        ref = self._reference(r, site, device)
+                        ref = self._reference(p, r, site, device)
                     out += self._sample(p, r, series, ts, value, quality, unit, ref, now)
                 if point in self.ref_points and quality == "good":
-                    self.store.partition = p
-                    self.store[f"v/{site}/{device}/{point}"] = value
+                    self.refs.setdefault(p, {})[f"v/{site}/{device}/{point}"] = value
+            out += self._advance(f"r/{site}/{device}", clock)
         elif k == "a":
+            clock = 0
             for a in body["a"]:
+                clock = max(clock, a["window_start"])
                 for r in self._rules_for("agg_1m", a["series"]):
                     v = a.get(r.field)
                     out += self._sample(
                         p, r, a["series"], a["window_start"], v, "good", a.get("unit"), None, now
                     )
+            out += self._advance(f"a/{body['site']}/{body['device']}", clock)
         elif k == "k":
             rec = body["r"]
             for r in self._rules_for("kpi", rec["loop"]):
@@ -154,21 +168,63 @@ class AlertStep(Step):
                     res = rec["kpis"][r.field]
                     v = res["value"] if res["status"] == "ok" else None
                     out += self._sample(p, r, rec["loop"], rec["window_start"], v, "good", None, None, now)
+            out += self._advance(f"k/{rec['loop']}", rec["window_start"])
         elif k == "c":
             cmd = body["c"]
             if cmd.get("action") not in ACTIONS:
                 raise ValueError(f"unknown action {cmd.get('action')!r}; one of {', '.join(ACTIONS)}")
             if cmd["instance"] not in self.engine.instances:
                 raise KeyError(f"no alarm instance {cmd['instance']!r} (yet)")
-            out += self.engine.command(cmd)
+            inst = self.engine.instances[cmd["instance"]]
+            out += self.engine.command(cmd, self.clocks.get(self._clock_of(inst)))
             self._touch(p, cmd["instance"])
         else:
             raise ValueError(f"unknown kind {k!r}")
         return out
 
-    def _reference(self, r: AlertRule, site: str, device: str) -> float | None:
-        v = self.store.get(f"v/{site}/{device}/{r.reference_point}")
+    def _reference(self, p: int, r: AlertRule, site: str, device: str) -> float | None:
+        key = f"v/{site}/{device}/{r.reference_point}"
+        v = self.refs.get(p, {}).get(key, self.store.get(key))
         return float(v) if v is not None else None
+
+    # -- timers in event time -------------------------------------------------------------------------
+    def _clock_of(self, inst: Instance) -> str:
+        """The clock an instance's timers run on: its device's readings or aggregates, or its loop's KPIs."""
+        rule = self.engine.rules.get(inst.rule)
+        if rule is None or rule.input == "kpi":
+            return f"k/{inst.source}"
+        site, device = inst.source.split("/")[:2]
+        return f"{'r' if rule.input == 'readings' else 'a'}/{site}/{device}"
+
+    def _time(self, inst: Instance) -> None:
+        """Keep ``timed`` right for one instance: on its clock while chattering or under a stale rule."""
+        ck = self._clock_of(inst)
+        if inst.chattering or inst.rule in self.stale:
+            self.timed.setdefault(ck, set()).add(inst.key)
+        elif ck in self.timed:
+            self.timed[ck].discard(inst.key)
+
+    def _advance(self, ck: str, clock: int) -> list[Event]:
+        """An input's clock moved: chattering alarms quiet for their period settle; series silent for a
+        stale rule's span (while their device goes on sending) raise it."""
+        if clock <= self.clocks.get(ck, 0):
+            return []
+        self.clocks[ck] = clock
+        keys = self.timed.get(ck)
+        if not keys:
+            return []
+        out: list[Event] = []
+        for key in sorted(keys):
+            inst = self.engine.instances.get(key)
+            if inst is None:
+                continue
+            out += self.engine.clock(key, clock)
+            r = self.stale.get(inst.rule)
+            if r is None or r.span is None or inst.level is not None or inst.last_ts is None:
+                continue
+            if clock - inst.last_ts >= r.span:
+                out += self.engine.silence(r, inst.source, clock)
+        return out
 
     def _sample(
         self,
@@ -188,37 +244,32 @@ class AlertStep(Step):
         self._touch(p, key)
         if r.kind == "stale":
             self.arrived[key] = now
+            if not events:
+                self._time(self.engine.instances[key])  # events do it otherwise (_emit)
         return events
 
     def _touch(self, p: int, key: str) -> None:
         self.owner[key] = p
         self.dirty.setdefault(p, set()).add(key)
 
-    def _silences(self, p: int, clock: int | None) -> None:
-        """Stale rules in event time: the partition's clock moved past a series' last sample + span."""
-        if clock is None or not self.stale:
-            return
-        for key, inst in list(self.engine.instances.items()):
-            r = self.stale.get(inst.rule)
-            if r is None or r.span is None or self.owner.get(key) != p or inst.level is not None:
-                continue
-            if inst.last_ts is not None and clock - inst.last_ts >= r.span:
-                self._emit(p, self.engine.silence(r, inst.source, clock))
-
     def tick(self, now: float) -> None:
         stage = self.stage
         if self.stale:
             drained = {p for p in stage.owned if not stage.behind(p)}
-            for key, inst in list(self.engine.instances.items()):
-                r = self.stale.get(inst.rule)
+            for key in sorted({k for keys in self.timed.values() for k in keys}):
+                inst = self.engine.instances.get(key)
+                r = self.stale.get(inst.rule) if inst is not None else None
                 p = self.owner.get(key)
-                if r is None or r.span is None or p not in drained or inst.level is not None:
+                if inst is None or r is None or r.span is None or p not in drained or inst.level is not None:
                     continue
                 quiet_ms = (now - self.arrived.get(key, now)) * 1000
                 if inst.last_ts is not None and quiet_ms >= r.span:
                     # A silent device, its partition drained: the wall clock stands in for event time.
                     self._emit(p, self.engine.silence(r, inst.source, inst.last_ts + int(quiet_ms)))
-        for ev in self.engine.expire_shelves(int(time.time() * 1000)):
+        clocks = self.clocks
+        for ev in self.engine.expire_shelves(
+            int(time.time() * 1000), lambda inst: clocks.get(self._clock_of(inst))
+        ):
             q = self.owner.get(ev["instance"])
             if q is not None:
                 self._emit(q, [ev])
@@ -232,6 +283,9 @@ class AlertStep(Step):
             outbox.produce(self.topo.alerts_state_topic, k, body, ev["ts"])
             self._touch(p, ev["instance"])
             self.events += 1
+            inst = self.engine.instances.get(ev["instance"])
+            if inst is not None:
+                self._time(inst)
 
 
 def check_command(cmd: Any) -> dict[str, Any]:
