@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 ## setup: virtualenv with the package and its tools; Debian packages and Kafka jars for the local services
 setup: $(STAMP)
-	$(PY) -c 'from localservices import harness; harness.install()'
+	$(PY) -c 'from localservices import harness; harness.install(); harness.install_browser()'
 
 ## services-up / services-down / services-status: the local Kafka, PostgreSQL, Mosquitto, InfluxDB
 services-up: setup

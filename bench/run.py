@@ -80,6 +80,7 @@ from rich.table import Table
 
 from bench import protocols, sinks
 from bench.proc import cpu_seconds, peak_rss_mb
+from connectors.timescale import tenancy
 from localservices import harness as services
 from pipeline.core import codec
 from pipeline.core.durations import parse_duration_ms
@@ -242,6 +243,7 @@ def prepare(
 
 def cleanup(env: dict[str, str], topo: dict[str, Any]) -> None:
     with psycopg.connect(env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
+        tenancy.drop(conn, topo["sinks"][0]["schema"])
         conn.execute(f'DROP SCHEMA IF EXISTS "{topo["sinks"][0]["schema"]}" CASCADE')
         conn.execute(f'DROP SCHEMA IF EXISTS "q_{topo["name"].removeprefix("bench")}" CASCADE')  # Quix peer
     from confluent_kafka.admin import AdminClient
@@ -591,11 +593,13 @@ def alert_rules(series: int, points: int) -> dict[str, Any]:
     return {"rules": rules}
 
 
-class EventLatency:
-    """Reads alerts.events while the run goes: latency = arrival - the event time of the reading that caused
-    the transition (event time = wall time in live runs)."""
+class TopicLatency:
+    """Reads a topic while the run goes: latency = arrival - the event time ``when`` finds in a record (None:
+    not measured). On alerts.events: of the reading that caused a raise or clear (event time = wall time in
+    live runs); on alerts.samples: the first hop (reading → aggregation stage → routed sample)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, when: Callable[[dict[str, Any]], int | None]) -> None:
+        self.when = when
         from confluent_kafka import Consumer
 
         self.c = Consumer(
@@ -615,9 +619,9 @@ class EventLatency:
         while not self.stopping:
             for m in self.c.consume(500, 0.2):
                 if m.error() is None:
-                    ev = codec.loads(m.value())
-                    if ev["transition"] in ("raise", "clear"):
-                        self.ms.append(time.time() * 1000 - ev["ts"])
+                    ts = self.when(codec.loads(m.value()))
+                    if ts is not None:
+                        self.ms.append(time.time() * 1000 - ts)
 
     def stop(self) -> dict[str, Any]:
         self.stopping = True
@@ -662,11 +666,20 @@ def run_live(
     interval = per_round / args.live_rate  # seconds between two scans of every device
     wlog = logs / f"worker-live-{tag}.log"
     worker = spawn(["worker", str(f), "--app-id", f"bench-{topo['name']}", "--loglevel", "info"], wlog)
-    events = None
+    events = samples = None
     try:
         wait_settled([wlog], [worker], raw, args.partitions)
         if rules:
-            events = EventLatency(env["PLANTSTREAM_KAFKA"], topo["prefix"] + "alerts.events")
+            events = TopicLatency(
+                env["PLANTSTREAM_KAFKA"],
+                topo["prefix"] + "alerts.events",
+                lambda ev: ev["ts"] if ev["transition"] in ("raise", "clear") else None,
+            )
+            samples = TopicLatency(
+                env["PLANTSTREAM_KAFKA"],
+                topo["prefix"] + "alerts.samples",
+                lambda body: body.get("t") if body.get("k") == "r" else None,
+            )
         p = Producer(
             {"bootstrap.servers": env["PLANTSTREAM_KAFKA"], "linger.ms": 5, "compression.type": "lz4"}
         )
@@ -718,6 +731,8 @@ def run_live(
         latency = close_to_commit(dsn, schema, window_closes([wlog]), parts)
     finally:
         alert_latency = events.stop() if events is not None else None
+        if alert_latency is not None and samples is not None:
+            alert_latency["routed_sample"] = samples.stop()
         stop([worker])
         cleanup(env, topo)
     return {
@@ -909,6 +924,9 @@ def describe(r: dict[str, Any]) -> str:
         if lat:
             line += f"; {lat['events']:,} transitions, reading→event p50 {fmt(lat['p50_ms'])} ms"
             line += f", p99 {fmt(lat['p99_ms'])} ms"
+            hop = lat.get("routed_sample") or {}
+            if hop.get("events"):
+                line += f" (reading→routed sample p50 {fmt(hop['p50_ms'])} ms, p99 {fmt(hop['p99_ms'])} ms)"
         if r.get("cpu_added_vs_no_rules") is not None:
             line += f"; CPU added {r['cpu_added_vs_no_rules']:+.0%}"
         return line

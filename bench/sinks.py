@@ -25,6 +25,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.influx.api import V1Api, open_api
+from connectors.timescale import tenancy
 from connectors.timescale.schema import timescale_status
 from localservices import harness as services
 from pipeline.core import codec
@@ -256,6 +257,7 @@ def _cleanup(
     with psycopg.connect(env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
         for s in sinks:
             if s["type"] == "postgres":
+                tenancy.drop(conn, s["schema"])
                 conn.execute(f'DROP SCHEMA IF EXISTS "{s["schema"]}" CASCADE')
     for cfg in topo.sinks:
         api = getattr(cfg, "api", None)

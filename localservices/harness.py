@@ -1588,26 +1588,47 @@ def install(names: Iterable[str] = SERVICE_NAMES, progress: Progress = print) ->
     """Install what the services need, skipping whatever is already present: Debian packages (postgresql-15,
     mosquitto, influxdb; apt-get update only runs when something is missing) and the Kafka jars (Maven)."""
     services = _select(names)
-    packages = sorted({pkg for svc in services for pkg in svc.missing_packages()})
-    if packages:
-        command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-        if not _is_root():
-            raise ServiceError(
-                f"install: missing Debian packages {', '.join(packages)}; as root run: "
-                f"apt-get update && {shlex.join(command)}"
-            )
-        install_log = local_dir() / "install.log"
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        progress(f"install: apt-get update and install {' '.join(packages)} (log: {install_log})")
-        _run("install", "apt-get update", ["apt-get", "update"], log_file=install_log, env=env, timeout=900)
-        _run("install", "apt-get install", command, log_file=install_log, env=env, timeout=1800)
-        still = sorted({pkg for svc in services for pkg in svc.missing_packages()})
-        if still:
-            raise ServiceError(
-                f"install: {', '.join(still)} still missing after apt-get install. Log: {install_log}"
-            )
+    _apt_install(
+        sorted({pkg for svc in services for pkg in svc.missing_packages()}),
+        lambda: sorted({pkg for svc in services for pkg in svc.missing_packages()}),
+        progress,
+    )
     for svc in services:
         svc.install_extra(progress)
+
+
+BROWSER = Path("/usr/bin/chromium")
+
+
+def install_browser(progress: Progress = print) -> Path:
+    """Debian's Chromium, for the dashboard's browser test (driven headless over its DevTools protocol; no
+    browser download). Returns its path."""
+    _apt_install(
+        [] if BROWSER.exists() else ["chromium"], lambda: [] if BROWSER.exists() else ["chromium"], progress
+    )
+    return BROWSER
+
+
+def _apt_install(packages: list[str], missing: Callable[[], list[str]], progress: Progress) -> None:
+    """apt-get install ``packages`` (apt-get update first; nothing when the list is empty)."""
+    if not packages:
+        return
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    if not _is_root():
+        raise ServiceError(
+            f"install: missing Debian packages {', '.join(packages)}; as root run: "
+            f"apt-get update && {shlex.join(command)}"
+        )
+    install_log = local_dir() / "install.log"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    progress(f"install: apt-get update and install {' '.join(packages)} (log: {install_log})")
+    _run("install", "apt-get update", ["apt-get", "update"], log_file=install_log, env=env, timeout=900)
+    _run("install", "apt-get install", command, log_file=install_log, env=env, timeout=1800)
+    still = missing()
+    if still:
+        raise ServiceError(
+            f"install: {', '.join(still)} still missing after apt-get install. Log: {install_log}"
+        )
 
 
 def up(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -14,6 +15,8 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
+from connectors.timescale import tenancy
+from connectors.timescale.config import PostgresSink
 from pipeline.repartition import check_drained, migrate
 from pipeline.topology import Topology
 
@@ -163,4 +166,10 @@ def deploy(topo: Topology, say: Callable[[str], None] = print, app_id: str | Non
         writer = sink.open_writer(f"{topo.app_id}/{sink.id}")
         for table, kind in writer.deploy(topo.sink_tables(sink, writer.tables), say).items():
             out[f"sink {sink.id} table {table}"] = kind
+        if isinstance(sink, PostgresSink):
+            # Tenancy reads a loop's site (its PV's) from the database: the topology is not there.
+            with psycopg.connect(sink.dsn, autocommit=True) as conn:
+                tenancy.set_loop_sites(
+                    conn, sink.schema_name, {lp.id: lp.pv.split("/", 1)[0] for lp in topo.loops}
+                )
     return out

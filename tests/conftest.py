@@ -59,5 +59,8 @@ def namespace(services_env: dict[str, str]) -> Iterator[dict[str, str]]:
     yield ns
     import psycopg
 
+    from connectors.timescale import tenancy
+
     with psycopg.connect(services_env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
+        tenancy.drop(conn, ns["schema"])
         conn.execute(f'DROP SCHEMA IF EXISTS "{ns["schema"]}" CASCADE')

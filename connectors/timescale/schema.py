@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg import sql
 
+from connectors.timescale import tenancy
+
 log = logging.getLogger("plantstream.postgres")
 
 TABLES = {
@@ -233,6 +235,7 @@ def create_schema(
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         ident = sql.Identifier(schema)
+        tenancy.ensure_base(conn, schema)
         for table in tables:
             if table in PLAIN_TABLES:
                 conn.execute(sql.SQL(PLAIN_TABLES[table].format(schema="{schema}")).format(schema=ident))
@@ -277,6 +280,7 @@ def create_schema(
         if "alarm_events" in tables:
             conn.execute(sql.SQL(ALARM_HEALTH.format(schema="{schema}")).format(schema=ident))
         conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
+        tenancy.protect(conn, schema, tables)
     return out
 
 
@@ -352,6 +356,7 @@ SELECT bucket, series, site, device, point, count, good_count, min, max,
            AS stddev,
        unit, bucket + interval '1 hour' AS window_end
 FROM {schema}.agg_1h_rollup
+WHERE {schema}.sees_all() OR site IN (SELECT {schema}.visible_sites())
 """
 ROLLUP_HORIZON = "1 hour"  # the policy materializes hours that ended at least this long ago
 
@@ -359,12 +364,11 @@ ROLLUP_HORIZON = "1 hour"  # the policy materializes hours that ended at least t
 # Alarm-system health per site and hour, as EEMUA 191 measures it: alarms (raises) in the hour and per
 # 10 minutes on average, the busiest 10 minutes, floods (10-minute periods with 10 or more alarms), instances
 # that started chattering, and standing alarms (active at the end of the hour, raised 24 h or more before).
-# The site is the first part of the source (empty for loop alarms).
+# The site is the first part of the source; for a loop, the site of its PV (empty if the loop is unknown).
 ALARM_HEALTH = """
 CREATE OR REPLACE VIEW {schema}.alarm_health AS
 WITH ev AS (
-    SELECT instance, transition, ts,
-           CASE WHEN position('/' IN source) > 0 THEN split_part(source, '/', 1) ELSE '' END AS site
+    SELECT instance, transition, ts, coalesce({schema}.source_site(source), '') AS site
     FROM {schema}.alarm_events
 ),
 tens AS (
@@ -402,11 +406,13 @@ def create_agg_1h(conn: psycopg.Connection, schema: str, hypertable: bool = Fals
         "WHERE n.nspname = %s AND c.relname = 'agg_1h'",
         (schema,),
     ).fetchone()
-    marker = "agg_1h_rollup" if hypertable else "hour_mean"
+    marker = "visible_sites" if hypertable else "hour_mean"  # the rollup's view filters by tenant
     if row is not None and marker in (row[0] or ""):
         return
     ident = sql.Identifier(schema)
-    if row is not None:  # a continuous aggregate of that name (TimescaleDB's own DROP), else a plain view
+    if row is not None and hypertable and "agg_1h_rollup" in (row[0] or ""):
+        pass  # the view over the rollup, without the tenant filter: replaced below
+    elif row is not None:  # a continuous aggregate of that name (TimescaleDB's own DROP), else a plain view
         try:
             conn.execute(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}.agg_1h CASCADE").format(ident))
         except psycopg.Error:
@@ -421,7 +427,11 @@ def create_agg_1h(conn: psycopg.Connection, schema: str, hypertable: bool = Fals
         "schedule_interval => interval '10 minutes', if_not_exists => true)",
         (f"{schema}.agg_1h_rollup", ROLLUP_HORIZON),
     )
-    conn.execute(sql.SQL(AGG_1H_OVER_ROLLUP.format(schema="{schema}")).format(schema=ident))
+    conn.execute(
+        sql.SQL(
+            AGG_1H_OVER_ROLLUP.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").format(schema="{schema}")
+        ).format(schema=ident)
+    )
 
 
 def _watermark(conn: psycopg.Connection, schema: str) -> datetime | None:

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import yaml
 
+from connectors.timescale import tenancy
 from connectors.timescale.schema import timescale_status
 from pipeline.core import codec
 from tests import influxdb
@@ -210,4 +211,5 @@ def test_one_topology_into_every_backend_with_a_sigkill(namespace, influx_urls, 
             if url is not None:
                 influxdb.drop(url, db)
         with psycopg.connect(dsn, autocommit=True) as conn:
+            tenancy.drop(conn, f"{ns['schema']}_ts")
             conn.execute(f'DROP SCHEMA IF EXISTS "{ns["schema"]}_ts" CASCADE')

@@ -206,9 +206,10 @@ _WILD = re.compile(r"[*?\[]")
 
 
 class RuleIndex:
-    """The rules whose ``match`` selects a source, found without trying every rule: thousands of rules, one per
-    series, are the common case. Patterns with a literal site and device are filed under ``site/device`` (and
-    the point, where it is literal too); the rest are tried one by one. Rules come back in topology order."""
+    """The rules whose ``match`` selects a source, found without trying every rule (thousands of rules, one
+    per series, are the common case). Patterns with a literal site and device are filed under ``site/device``
+    (and the point, where it is literal too); the rest are tried one by one. Rules come back in topology
+    order."""
 
     def __init__(self, rules: Iterable[AlertRule]) -> None:
         self.devices: dict[
