@@ -9,9 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -446,6 +446,200 @@ def alerts_list(
             str(ev["message"]),
         )
     out.print(table)
+
+
+# -- the HTTP service and its tenants ------------------------------------------------------------------
+tenants_app = typer.Typer(
+    help="Tenants: who owns which sites, and their database roles.", no_args_is_help=True
+)
+app.add_typer(tenants_app, name="tenants")
+tokens_app = typer.Typer(help="API tokens of tenants (for plantstream serve).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+SinkOpt = Annotated[str | None, typer.Option("--sink", help="the postgres sink's id (default: the first)")]
+
+
+def _pg(topology: Path | None, sink: str | None) -> tuple[Any, str]:
+    """(dsn, schema) of the topology's postgres sink."""
+    topo = _load(topology or _default_topology())
+    sinks = [s for s in topo.sinks if isinstance(s, PostgresSink) and (sink is None or s.id == sink)]
+    if not sinks:
+        console.print("[bold red]the topology has no postgres sink" + (f" {sink!r}" if sink else "") + "[/]")
+        raise typer.Exit(2)
+    return sinks[0].dsn, sinks[0].schema_name
+
+
+def _db_error(e: Exception) -> NoReturn:
+    console.print(f"[bold red]{e}[/]")
+    raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    topology: TopologyArg,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8800,
+    sink: SinkOpt = None,
+    app_id: Annotated[str | None, typer.Option(help="the worker's --app-id, if it runs with one")] = None,
+) -> None:
+    """REST API, live stream and web page over the topology's topics and its postgres sink's tables."""
+    import uvicorn
+
+    from pipeline.api.app import create_app
+
+    topo = _load(topology)
+    try:
+        api = create_app(topo, sink, app_id=app_id)
+    except ValueError as e:
+        _db_error(e)
+    console.print(f"plantstream serve: http://{host}:{port}/ (API docs: http://{host}:{port}/docs)")
+    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)
+
+
+@tenants_app.command("add")
+def tenants_add(
+    tenant: Annotated[str, typer.Argument(help="tenant id")],
+    site: Annotated[list[str], typer.Option("--site", help="a site it owns (repeat for more)")],
+    name: Annotated[str | None, typer.Option(help="display name")] = None,
+    topology: TopologyOpt = None,
+    sink: SinkOpt = None,
+) -> None:
+    """Create a tenant (or give it more sites). A site belongs to one tenant."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+
+    dsn, schema = _pg(topology, sink)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            tenancy.add_tenant(conn, schema, tenant, site, name)
+    except (psycopg.Error, ValueError) as e:
+        _db_error(e)
+    out.print(f"tenant {tenant}: sites {', '.join(site)}")
+
+
+@tenants_app.command("list")
+def tenants_list(topology: TopologyOpt = None, sink: SinkOpt = None) -> None:
+    """Tenants, their sites and their database roles."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+
+    dsn, schema = _pg(topology, sink)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = tenancy.tenants(conn, schema)
+    except psycopg.Error as e:
+        _db_error(e)
+    table = Table(title=f"tenants in {schema}")
+    for col in ("tenant", "name", "sites", "database roles"):
+        table.add_column(col)
+    for tid, tname, sites, roles in rows:
+        table.add_row(tid, tname, ", ".join(sites), ", ".join(roles))
+    out.print(table)
+
+
+@tenants_app.command("role")
+def tenants_role(
+    tenant: Annotated[str, typer.Argument(help="tenant id")],
+    role: Annotated[str, typer.Argument(help="a database login role (created if missing)")],
+    topology: TopologyOpt = None,
+    sink: SinkOpt = None,
+) -> None:
+    """A database login role that reads the tenant's rows only (for Grafana or SQL). The password is read
+    from PLANTSTREAM_ROLE_PASSWORD or asked for; it is never printed."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+
+    dsn, schema = _pg(topology, sink)
+    password = os.environ.get("PLANTSTREAM_ROLE_PASSWORD") or typer.prompt(
+        f"password for {role}", hide_input=True, confirmation_prompt=True
+    )
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            tenancy.grant_role(conn, schema, tenant, role, password)
+    except (psycopg.Error, ValueError) as e:
+        _db_error(e)
+    views = tenancy.tenant_schema(schema)
+    out.print(f"role {role} reads tenant {tenant}'s rows in schema {views} (set search_path = {views})")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    tenant: Annotated[str, typer.Argument(help="tenant id")],
+    name: Annotated[str, typer.Option(help="who or what uses it (audited in alarm commands)")] = "api",
+    expires: Annotated[
+        str | None, typer.Option(help="valid for, e.g. 90d, 12h (default: until revoked)")
+    ] = None,
+    topology: TopologyOpt = None,
+    sink: SinkOpt = None,
+) -> None:
+    """Create an API token: printed once, stored only as a hash."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+    from pipeline.core.durations import parse_duration_ms
+
+    dsn, schema = _pg(topology, sink)
+    try:
+        valid = timedelta(milliseconds=parse_duration_ms(expires)) if expires else None
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            token, rec = tenancy.create_token(conn, schema, tenant, name, valid)
+    except (psycopg.Error, ValueError) as e:
+        _db_error(e)
+    console.print(
+        f"token {rec.id} for tenant {tenant} ({name})"
+        + (f", expires {rec.expires_at:%Y-%m-%d %H:%M} UTC" if rec.expires_at else "")
+    )
+    out.print(token)
+
+
+@tokens_app.command("list")
+def tokens_list(topology: TopologyOpt = None, sink: SinkOpt = None) -> None:
+    """Tokens (never their secret)."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+
+    dsn, schema = _pg(topology, sink)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = tenancy.list_tokens(conn, schema)
+    except psycopg.Error as e:
+        _db_error(e)
+    table = Table(title=f"API tokens in {schema}")
+    for col in ("id", "tenant", "name", "created", "expires", "revoked"):
+        table.add_column(col)
+    for tid, tenant, name, created, expires_at, revoked in rows:
+        table.add_row(
+            tid,
+            tenant,
+            name,
+            f"{created:%Y-%m-%d %H:%M}",
+            f"{expires_at:%Y-%m-%d %H:%M}" if expires_at else "never",
+            f"{revoked:%Y-%m-%d %H:%M}" if revoked else "",
+        )
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(help="the token's id (see tokens list)")],
+    topology: TopologyOpt = None,
+    sink: SinkOpt = None,
+) -> None:
+    """Revoke a token (refused by serve within 10 s)."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+
+    dsn, schema = _pg(topology, sink)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            done = tenancy.revoke_token(conn, schema, token_id)
+    except psycopg.Error as e:
+        _db_error(e)
+    out.print(f"token {token_id} revoked" if done else f"no active token {token_id}")
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:

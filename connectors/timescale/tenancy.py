@@ -339,25 +339,35 @@ class TokenError(Exception):
     """Why a token is refused (missing, malformed, unknown, expired, revoked)."""
 
 
-def check_token(conn: psycopg.Connection, schema: str, token: str | None) -> Token:
+def split_token(token: str | None) -> tuple[str, str]:
+    """(id, secret) of ``pst_<id>_<secret>``, or TokenError."""
     if not token:
         raise TokenError("missing token: send 'Authorization: Bearer <token>'")
     parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1] or not parts[2]:
         raise TokenError("malformed token")
-    row = conn.execute(
-        sql.SQL("SELECT tenant, name, hash, expires_at, revoked_at FROM {}.api_tokens WHERE id = %s").format(
-            sql.Identifier(schema)
-        ),
-        (parts[1],),
-    ).fetchone()
-    if row is None or not hmac.compare_digest(row[2], _digest(parts[2])):
+    return parts[1], parts[2]
+
+
+TOKEN_ROW = "SELECT tenant, name, hash, expires_at, revoked_at FROM {}.api_tokens WHERE id = %s"
+
+
+def judge_token(token_id: str, secret: str, row: tuple[object, ...] | None) -> Token:
+    """The token's record, or TokenError saying why it is refused (``row``: :data:`TOKEN_ROW`'s answer)."""
+    if row is None or not hmac.compare_digest(str(row[2]), _digest(secret)):
         raise TokenError("unknown token")
     if row[4] is not None:
         raise TokenError("revoked token")
-    if row[3] is not None and row[3] <= datetime.now(UTC):
+    expires = row[3] if isinstance(row[3], datetime) else None
+    if expires is not None and expires <= datetime.now(UTC):
         raise TokenError("expired token")
-    return Token(parts[1], row[0], row[1], row[3])
+    return Token(token_id, str(row[0]), str(row[1]), expires)
+
+
+def check_token(conn: psycopg.Connection, schema: str, token: str | None) -> Token:
+    token_id, secret = split_token(token)
+    row = conn.execute(sql.SQL(TOKEN_ROW).format(sql.Identifier(schema)), (token_id,)).fetchone()
+    return judge_token(token_id, secret, row)
 
 
 def revoke_token(conn: psycopg.Connection, schema: str, token_id: str) -> bool:
