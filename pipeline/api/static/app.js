@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { token: null, site: null, sites: [], series: new Map(), stream: null, spark: new Map() };
+const state = { token: null, site: null, sites: [], series: new Map(), stream: null, spark: new Map(), alarms: new Map() };
 const MAX_ROWS = 300;      // series rows shown per site
 const MAX_AGGS = 30;       // closed minutes listed
 
@@ -139,6 +139,21 @@ function drawSpark(series) {
 // -- alarms --------------------------------------------------------------------------------------------
 async function loadAlarms() {
   const rows = await api("/api/alarms?state=active");
+  state.alarms = new Map(rows.map((a) => [a.instance, a]));
+  renderAlarms();
+}
+
+// An alarm transition from the stream: newer than what the list holds (by seq), it replaces it there.
+function applyAlarm(e) {
+  const had = state.alarms.get(e.instance);
+  if (had && had.seq >= e.seq) return;
+  if (e.active || e.state === "rtn_unack") state.alarms.set(e.instance, { ...had, ...e });
+  else state.alarms.delete(e.instance);
+  renderAlarms();
+}
+
+function renderAlarms() {
+  const rows = [...state.alarms.values()].sort((a, b) => (a.ts < b.ts ? 1 : -1));
   $("#alarm-count").textContent = rows.length ? `(${rows.length})` : "(none)";
   $("#alarms tbody").replaceChildren(...rows.map((a) => {
     const ack = el("button", { class: "ack", type: "button" }, "Ack");
@@ -226,7 +241,7 @@ function connect() {
   es.addEventListener("alarm", (ev) => {
     const e = JSON.parse(ev.data);
     $("#journal tbody").prepend(journalRow(e));
-    loadAlarms();
+    applyAlarm(e);
   });
   es.addEventListener("resync", () => { loadSeries(); loadAlarms(); loadJournal(); });
 }
