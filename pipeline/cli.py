@@ -491,7 +491,9 @@ def serve(
         api = create_app(topo, sink, app_id=app_id)
     except ValueError as e:
         _db_error(e)
-    console.print(f"plantstream serve: http://{host}:{port}/ (API docs: http://{host}:{port}/docs)", soft_wrap=True)
+    console.print(
+        f"plantstream serve: http://{host}:{port}/ (API docs: http://{host}:{port}/docs)", soft_wrap=True
+    )
     uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)
 
 
