@@ -51,6 +51,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -617,11 +618,11 @@ class TopicLatency:
 
     def run(self) -> None:
         while not self.stopping:
-            for m in self.c.consume(500, 0.2):
-                if m.error() is None:
-                    ts = self.when(codec.loads(m.value()))
-                    if ts is not None:
-                        self.ms.append(time.time() * 1000 - ts)
+            m = self.c.poll(0.2)  # one at a time: a batch would stamp its first records late
+            if m is not None and m.error() is None:
+                ts = self.when(codec.loads(m.value()))
+                if ts is not None:
+                    self.ms.append(time.time() * 1000 - ts)
 
     def stop(self) -> dict[str, Any]:
         self.stopping = True
@@ -637,6 +638,40 @@ class TopicLatency:
         }
 
 
+def start_serve(
+    f: Path, topo: dict[str, Any], env: dict[str, str], logs: Path
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``plantstream serve`` for the ``api`` scenario, a tenant owning the bench's site and its token."""
+    import httpx
+
+    schema = topo["sinks"][0]["schema"]
+    with psycopg.connect(env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
+        tenancy.add_tenant(conn, schema, "bench", ["site1"])
+        token, _ = tenancy.create_token(conn, schema, "bench", "bench", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = spawn(
+        ["serve", str(f), "--port", str(port), "--app-id", f"bench-{topo['name']}"], logs / "serve.log"
+    )
+    base = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            if httpx.get(f"{base}/api/health", timeout=20).json()["live"]["status"] == "ok":
+                return server, base, token
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    stop([server])
+    raise RuntimeError(f"plantstream serve did not come up; see {logs / 'serve.log'}")
+
+
+def run_api(args: argparse.Namespace, env: dict[str, str], logs: Path) -> list[dict[str, Any]]:
+    """The live run with ``plantstream serve`` beside it: stream clients and REST queries at full rate."""
+    return [run_live(args, env, logs, api=True)]
+
+
 def run_alerts(args: argparse.Namespace, env: dict[str, str], logs: Path) -> list[dict[str, Any]]:
     """The live run twice, without and with one threshold rule per series (the order alternating by
     repetition): the worker CPU the rules add, and reading → alerts.events latency."""
@@ -650,7 +685,7 @@ def run_alerts(args: argparse.Namespace, env: dict[str, str], logs: Path) -> lis
 
 
 def run_live(
-    args: argparse.Namespace, env: dict[str, str], logs: Path, rules: bool = False
+    args: argparse.Namespace, env: dict[str, str], logs: Path, rules: bool = False, api: bool = False
 ) -> dict[str, Any]:
     """Live operation: readings at a steady rate with event time = wall time, for the close→commit latency
     of windows closing once a minute, as in production (the ``kafka`` scenario closes them back to back)."""
@@ -667,8 +702,13 @@ def run_live(
     wlog = logs / f"worker-live-{tag}.log"
     worker = spawn(["worker", str(f), "--app-id", f"bench-{topo['name']}", "--loglevel", "info"], wlog)
     events = samples = None
+    server: subprocess.Popen[bytes] | None = None
+    load: subprocess.Popen[bytes] | None = None
+    api_result: dict[str, Any] | None = None
     try:
         wait_settled([wlog], [worker], raw, args.partitions)
+        if api:
+            server, base, token = start_serve(f, topo, env, logs)
         if rules:
             events = TopicLatency(
                 env["PLANTSTREAM_KAFKA"],
@@ -687,7 +727,16 @@ def run_live(
         points = [f"p{i:03d}" for i in range(args.points)]
         n = k = 0
         cpu0 = cpu_seconds(worker.pid)
+        serve_cpu0 = cpu_seconds(server.pid) if server is not None else 0.0
         start = time.monotonic()
+        if server is not None:
+            # The load runs while the pipeline takes the full rate, after 10 s of warm-up.
+            load = subprocess.Popen(
+                [sys.executable, "-m", "bench.api_load", "--base", base, "--token", token, "--clients",
+                 str(args.api_clients), "--rest", str(args.api_rest), "--delay", "10",
+                 "--seconds", str(max(10, args.live_seconds - 20))],
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
         with bench_progress() as prog:
             task = prog.add_task("live", total=args.live_seconds, rate="")
             while (now := time.monotonic()) - start < args.live_seconds:
@@ -721,6 +770,12 @@ def run_live(
                     prog.update(task, completed=min(el, args.live_seconds), rate=f"{n / el:,.0f}/s")
             p.flush(60)
             produced = time.monotonic()
+            if load is not None:
+                out, _ = load.communicate(timeout=120)
+                api_result = json.loads(out.decode().strip().splitlines()[-1])
+                assert server is not None
+                api_result["serve_cpu_s"] = cpu_seconds(server.pid) - serve_cpu0
+                api_result["serve_peak_rss_mb"] = peak_rss_mb(server.pid)
             done = wait_rows(dsn, schema, n, 120, [worker], lambda total: None)
         cpu = cpu_seconds(worker.pid) - cpu0
         rss = peak_rss_mb(worker.pid)
@@ -733,10 +788,15 @@ def run_live(
         alert_latency = events.stop() if events is not None else None
         if alert_latency is not None and samples is not None:
             alert_latency["routed_sample"] = samples.stop()
-        stop([worker])
+        stop([worker, *([server] if server else []), *([load] if load else [])])
         cleanup(env, topo)
     return {
-        "scenario": "live" if alerts is None else ("alerts: with rules" if rules else "alerts: no rules"),
+        "scenario": "api"
+        if api
+        else "live"
+        if alerts is None
+        else ("alerts: with rules" if rules else "alerts: no rules"),
+        "api": api_result,
         "rules": len(alerts["rules"]) if alerts else 0,
         "alert_latency": alert_latency,
         "series": devices * args.points,
@@ -918,6 +978,15 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
 
 def describe(r: dict[str, Any]) -> str:
     line = f"  {r['readings_per_s']:,.0f} readings/s ({r['seconds']:.1f} s)"
+    if r["scenario"] == "api" and r.get("api"):
+        a = r["api"]
+        return (
+            f"{line}; {a['stream_clients']} stream clients: {a['stream_events_per_s']:,.0f} events/s, "
+            f"latest-value lag p50 {fmt(a['stream_lag_p50_ms'])} ms p99 {fmt(a['stream_lag_p99_ms'])} ms; "
+            f"REST {a['rest_queries_per_s']:,.0f} queries/s ({a['rest_workers']} workers), "
+            f"p50 {fmt(a['rest_p50_ms'])} ms p99 {fmt(a['rest_p99_ms'])} ms, {a['rest_errors']} errors; "
+            f"serve CPU {a['serve_cpu_s']:.0f} s, RSS {a['serve_peak_rss_mb']:.0f} MB"
+        )
     if r["scenario"].startswith("alerts"):
         lat = r.get("alert_latency") or {}
         line += f"; {r['rules']:,} rules; CPU {r['worker_cpu_s_per_million']:,.1f} s/M"
@@ -978,6 +1047,7 @@ def main() -> None:
         **protocols.RUNNERS,
         **sinks.RUNNERS,
         "alerts": run_alerts,
+        "api": run_api,
     }
     ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=", ".join(runners))
     ap.add_argument("--series", type=int_list, default=[1000, 10_000, 100_000], help="comma list")
@@ -987,6 +1057,8 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=50, help="points per device (readings per batch)")
     ap.add_argument("--workers", type=int_list, default=[1, 2], help="comma list (kafka scenario)")
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--api-clients", type=int, default=50, help="stream clients (api scenario)")
+    ap.add_argument("--api-rest", type=int, default=8, help="concurrent REST workers (api scenario)")
     ap.add_argument("--grace", default="10s", help="aggregation grace of the kafka scenario")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(

@@ -686,6 +686,30 @@ def run(topology: TopologyArg) -> None:
         _stop_all(procs)
 
 
+def _redact(dsn: str) -> str:
+    """A connection string without its password (for printing)."""
+    import re
+
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", re.sub(r"(password=)\S+", r"\1***", dsn))
+
+
+def _demo_token(topo: Topology, pg: PostgresSink) -> str:
+    """A tenant ``demo`` owning the simulated sites, and a new API token for the page (valid for a day)."""
+    import psycopg
+
+    from connectors.timescale import tenancy
+
+    sites = sorted({sc.site for sc in (topo.simulate.scenarios if topo.simulate else [])})
+    for src in topo.sources:
+        sites += [
+            m.site for m in getattr(src, "topics", []) if getattr(m, "site", None) and m.site not in sites
+        ]
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        tenancy.add_tenant(conn, pg.schema_name, "demo", sites, "Demo plant")
+        token, _ = tenancy.create_token(conn, pg.schema_name, "demo", "demo page", timedelta(days=1))
+    return token
+
+
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -694,8 +718,10 @@ def _fmt(v: Any) -> str:
 def demo(
     topology: TopologyArg = Path("topologies/demo.yaml"),
     minutes: Annotated[float | None, typer.Option(help="stop after this many minutes")] = None,
+    port: Annotated[int, typer.Option(help="the web page's port")] = 8800,
 ) -> None:
-    """Services up, deploy, then simulator + connector + worker with a live table of 1-minute aggregates."""
+    """Services up, deploy, then simulator + connector + worker + web page, with a live table of 1-minute
+    aggregates and alarms in the terminal."""
     from confluent_kafka import Consumer
 
     from localservices import harness as services
@@ -716,11 +742,17 @@ def demo(
         _spawn(["connect", str(topology)], logs / "connect.log"),
         _spawn(["worker", str(topology)], logs / "worker.log"),
     ]
-    dsn = next((s.dsn for s in topo.sinks if isinstance(s, PostgresSink)), "")
+    pg = next((s for s in topo.sinks if isinstance(s, PostgresSink)), None)
+    page = ""
+    if pg is not None:
+        procs.append(_spawn(["serve", str(topology), "--port", str(port)], logs / "serve.log"))
+        page = f"\nThe page: http://127.0.0.1:{port}/#token={_demo_token(topo, pg)}"
+    dsn = _redact(pg.dsn) if pg is not None else ""
     console.print(
-        f"simulator, connector and worker started (logs in {logs}/). Aggregates appear once the first "
-        f"minute closes. In PostgreSQL:\n  psql '{dsn}' -c 'SELECT bucket, series, count, mean, min, max "
-        f"FROM agg_1m ORDER BY bucket DESC, series LIMIT 20'\nCtrl-C stops everything."
+        f"simulator, connector, worker and web service started (logs in {logs}/). Aggregates appear once the "
+        f"first minute closes.{page}\nIn PostgreSQL:\n  psql '{dsn}' -c 'SELECT bucket, series, count, mean, "
+        f"min, max FROM agg_1m ORDER BY bucket DESC, series LIMIT 20'\nCtrl-C stops everything.",
+        soft_wrap=True,
     )
     consumer = Consumer(
         {
@@ -740,45 +772,55 @@ def demo(
 
         if not topo.alerts.rules:
             return aggregates()
+        # Every column fits 140 characters; narrower, the instance keeps its full name and the time,
+        # transition and message give way.
+        wide = out.width >= 140
+        cols = ["time (UTC)", "instance", "transition", "state", "severity", "value", "message"]
+        cols = cols if wide else ["instance", "state", "severity", "value"]
         t = Table(title=f"alarms ({sum(1 for a in alarms.values() if a['state'] != 'normal')} not normal)")
-        for col in ("time (UTC)", "instance", "transition", "state", "severity", "value", "message"):
-            t.add_column(col)
+        for col in cols:
+            t.add_column(col, no_wrap=col == "instance")
         for key in sorted(alarms, key=lambda k: -int(alarms[k]["ts"]))[:10]:
             a = alarms[key]
             style = {"unack": "bold red", "acked": "yellow", "rtn_unack": "cyan"}.get(a["state"], "green")
-            t.add_row(
-                datetime.fromtimestamp(a["ts"] / 1000, UTC).strftime("%H:%M:%S"),
-                key,
-                a["transition"],
-                f"[{style}]{a['state']}[/]",
-                a["severity"] or "",
-                _fmt(a.get("value")),
-                a["message"],
-            )
+            cells = {
+                "time (UTC)": datetime.fromtimestamp(a["ts"] / 1000, UTC).strftime("%H:%M:%S"),
+                "instance": key,
+                "transition": a["transition"],
+                "state": f"[{style}]{a['state']}[/]",
+                "severity": a["severity"] or "",
+                "value": _fmt(a.get("value")),
+                "message": a["message"],
+            }
+            t.add_row(*(cells[c] for c in cols))
         return Group(aggregates(), t)
 
     def aggregates() -> Table:
+        wide = out.width >= 120
+        cols = ["minute (UTC)", "series", "count", "mean", "min", "max", "last", "stddev", "unit"]
+        cols = cols if wide else ["minute (UTC)", "series", "mean", "min", "max"]
         t = Table(
             title=f"plantstream demo — latest 1-minute aggregates ({len(latest)} series)",
             caption=f"running {int(time.monotonic() - started)} s · Ctrl-C to stop",
         )
-        for col in ("minute (UTC)", "series", "count", "mean", "min", "max", "last", "stddev", "unit"):
-            t.add_column(
-                col, justify="right" if col in ("count", "mean", "min", "max", "last", "stddev") else "left"
-            )
+        for col in cols:
+            # The series name is what tells one row from another: never cut.
+            t.add_column(col, justify="left" if col in ("minute (UTC)", "series", "unit") else "right",
+                         no_wrap=col == "series")  # fmt: skip
         for s in sorted(latest)[:30]:
             a = latest[s]
-            t.add_row(
-                datetime.fromtimestamp(a["window_start"] / 1000, UTC).strftime("%H:%M"),
-                s,
-                str(a["count"]),
-                _fmt(a["mean"]),
-                _fmt(a["min"]),
-                _fmt(a["max"]),
-                _fmt(a["last"]),
-                _fmt(a["stddev"]),
-                a.get("unit") or "",
-            )
+            cells = {
+                "minute (UTC)": datetime.fromtimestamp(a["window_start"] / 1000, UTC).strftime("%H:%M"),
+                "series": s,
+                "count": str(a["count"]),
+                "mean": _fmt(a["mean"]),
+                "min": _fmt(a["min"]),
+                "max": _fmt(a["max"]),
+                "last": _fmt(a["last"]),
+                "stddev": _fmt(a["stddev"]),
+                "unit": a.get("unit") or "",
+            }
+            t.add_row(*(cells[c] for c in cols))
         return t
 
     try:

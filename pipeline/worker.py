@@ -131,6 +131,8 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
                 step=AlertStep(topo, topo.alerts.rules, app_id, counters),
                 fatal=fatal,
                 checkpoint_interval=1.0,
+                # Sparse input, latency-bound output: a batch waits 20 ms for company, not 100.
+                batch_wait=0.02,
             )
         )
         stages.append(
@@ -156,6 +158,7 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
                 fatal=fatal,
                 checkpoint_interval=0.0,
                 batch_size=100,
+                batch_wait=0.02,
                 tick_interval=0.0,
             )
         )
