@@ -1,6 +1,7 @@
 """Load on ``plantstream serve`` for ``make bench`` (the ``api`` scenario), run as a process of its own.
 
-``--clients`` stream clients read ``/api/stream`` (latest values and closed minutes) while ``--rest``
+``--clients`` stream clients, each a dashboard of one device, read ``/api/stream`` (the device's latest
+values and closed minutes) while ``--rest``
 workers send REST queries back to back (a mix: one series' last hour of 1-minute aggregates, the active
 alarms, a device's series with their latest values, health), for ``--seconds``. Prints one JSON object: stream
 events received per second (all clients), the lag of latest values (arrival minus the reading's event time,
@@ -27,8 +28,9 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(len(xs) * q))]
 
 
-async def stream_client(base: str, token: str, end: float, out: dict[str, Any]) -> None:
-    params = {"access_token": token, "kinds": ["latest", "agg"]}
+async def stream_client(base: str, token: str, series: list[str], end: float, out: dict[str, Any]) -> None:
+    """A dashboard of one device: its series' latest values and closed minutes."""
+    params = {"access_token": token, "kinds": ["latest", "agg"], "series": series}
     try:
         async with (
             httpx.AsyncClient(timeout=None) as c,
@@ -48,14 +50,28 @@ async def stream_client(base: str, token: str, end: float, out: dict[str, Any]) 
         out["errors"].append(repr(e))
 
 
+PROBES = {
+    "aggregates": "/api/series/site1/d00000/p000/aggregates",
+    "alarms": "/api/alarms",
+    "series": "/api/series?site=site1&device=d00000",
+    "health": "/api/health",
+}
+
+
 async def rest_worker(
-    base: str, token: str, series: list[str], devices: list[str], end: float, out: dict[str, Any]
+    base: str,
+    token: str,
+    kinds: list[str],
+    series: list[str],
+    devices: list[str],
+    end: float,
+    out: dict[str, Any],
 ) -> None:
     rng = random.Random()
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as c:
         while time.monotonic() < end:
-            kind = rng.choice(["aggregates", "aggregates", "alarms", "series", "health"])
+            kind = rng.choice(["aggregates", *kinds])
             path = {
                 "aggregates": f"/api/series/{rng.choice(series)}/aggregates",
                 "alarms": "/api/alarms",
@@ -82,13 +98,23 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         listed = (await c.get("/api/series", params={"site": "site1"})).json()
     series = [s["series"] for s in listed] or ["site1/d00000/p000"]
     devices = sorted({s["device"] for s in listed}) or ["d00000"]
+    by_device: dict[str, list[str]] = {}
+    for s in listed:
+        by_device.setdefault(s["device"], []).append(s["series"])
+    rng = random.Random(7)
+    # The mix: what answers here (a topology without alert rules has no alarms).
+    async with httpx.AsyncClient(base_url=a.base, headers=headers, timeout=60) as c:
+        kinds = [k for k, path in PROBES.items() if (await c.get(path)).status_code == 200]
     end = time.monotonic() + a.seconds
     streams: dict[str, Any] = {"events": 0, "lag_ms": [], "errors": []}
     rest: dict[str, Any] = {"errors": 0}
     t0 = time.monotonic()
     await asyncio.gather(
-        *(stream_client(a.base, a.token, end, streams) for _ in range(a.clients)),
-        *(rest_worker(a.base, a.token, series, devices, end, rest) for _ in range(a.rest)),
+        *(
+            stream_client(a.base, a.token, by_device.get(rng.choice(devices), series), end, streams)
+            for _ in range(a.clients)
+        ),
+        *(rest_worker(a.base, a.token, kinds, series, devices, end, rest) for _ in range(a.rest)),
     )
     took = time.monotonic() - t0
     per: dict[str, dict[str, Any]] = {

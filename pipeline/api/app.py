@@ -41,6 +41,7 @@ from pipeline.topology import Topology
 log = logging.getLogger("plantstream.api")
 
 TOKEN_CACHE_S = 10.0  # a revoked token is refused within this long
+LAG_EVERY_S = 5.0
 MAX_ROWS = 10_000
 KINDS = ("latest", "agg", "alarm")
 
@@ -86,6 +87,7 @@ class Service:
         self.loop_sites = {lp.id: lp.pv.split("/", 1)[0] for lp in topo.loops}
         self._tokens: dict[str, tuple[float, Caller]] = {}
         self._outbox: Outbox | None = None
+        self._lag: tuple[float, dict[str, int]] | None = None
         self.started = time.time()
 
     async def open(self) -> None:
@@ -171,7 +173,16 @@ class Service:
 
     # -- health ----------------------------------------------------------------------------------------
     def lag(self) -> dict[str, int]:
-        """Consumer lag (messages) of the worker's consumer groups, per group."""
+        """Consumer lag (messages) of the worker's consumer groups, per group; measured at most every
+        :data:`LAG_EVERY_S` (health checks come often, and each measure asks the broker several times)."""
+        now = time.monotonic()
+        if self._lag is not None and now - self._lag[0] < LAG_EVERY_S:
+            return self._lag[1]
+        lag = self._measure_lag()
+        self._lag = (now, lag)
+        return lag
+
+    def _measure_lag(self) -> dict[str, int]:
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.topo.broker.bootstrap})
@@ -334,20 +345,20 @@ def create_app(
     @app.get("/api/sites", tags=["series"])
     async def sites(who: Who) -> list[dict[str, Any]]:
         """The tenant's sites, with their devices, series and active alarms."""
-        latest = list(svc.hub.latest.items())
-        alarms = await svc.query(who, "SELECT source FROM {v}.alarms WHERE active")
-        out = []
-        for site in sorted(who.sites):
-            mine = [s for s, _ in latest if s.split("/", 1)[0] == site]
-            out.append(
-                {
-                    "site": site,
-                    "devices": len({s.split("/")[1] for s in mine}),
-                    "series": len(mine),
-                    "active_alarms": sum(1 for a in alarms if _site_of(svc, a["source"]) == site),
-                }
-            )
-        return out
+        devices = [(k, len(points)) for k, points in list(svc.hub.devices.items()) if k[0] in who.sites]
+        try:
+            alarms = await svc.query(who, "SELECT source FROM {v}.alarms WHERE active")
+        except ApiError:
+            alarms = []  # a topology without alert rules has no alarms table
+        return [
+            {
+                "site": site,
+                "devices": sum(1 for (st, _), _n in devices if st == site),
+                "series": sum(n for (st, _), n in devices if st == site),
+                "active_alarms": sum(1 for a in alarms if _site_of(svc, a["source"]) == site),
+            }
+            for site in sorted(who.sites)
+        ]
 
     @app.get("/api/series", tags=["series"])
     async def series(
@@ -358,20 +369,21 @@ def create_app(
         """Series with their newest reading (from telemetry.latest)."""
         if site is not None and site not in who.sites:
             return []
+        keys = sorted(k for k in list(svc.hub.devices) if k[0] in who.sites)
         out = []
-        for s, rd in sorted(svc.hub.latest.items()):
-            st, dev, point = s.split("/", 2)
-            if st not in who.sites or (site and st != site) or (device and dev != device):
+        for st, dev in keys:
+            if (site and st != site) or (device and dev != device):
                 continue
-            out.append(
-                {
-                    "series": s,
-                    "site": st,
-                    "device": dev,
-                    "point": point,
-                    "latest": {k: rd.get(k) for k in ("ts", "value", "quality", "unit")},
-                }
-            )
+            for point, rd in sorted(list(svc.hub.devices[(st, dev)].items())):
+                out.append(
+                    {
+                        "series": f"{st}/{dev}/{point}",
+                        "site": st,
+                        "device": dev,
+                        "point": point,
+                        "latest": {k: rd.get(k) for k in ("ts", "value", "quality", "unit")},
+                    }
+                )
         return out
 
     @app.get("/api/series/{series:path}/aggregates", tags=["series"])

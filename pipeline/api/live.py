@@ -76,6 +76,7 @@ class Hub:
         self.ring: deque[Frame] = deque(maxlen=RING)
         self.clients: dict[str, set[Client]] = {}  # site -> its clients
         self.latest: dict[str, dict[str, Any]] = {}  # series -> its newest reading
+        self.devices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # (site, device) -> point -> it
         self.ready = threading.Event()  # telemetry.latest read up to where it was at the start
         self.error: str | None = None
         self.received = 0
@@ -162,6 +163,7 @@ class Hub:
             if old is not None and old.get("ts", 0) > rec.get("ts", 0):
                 return None
             self.latest[series] = rec
+            self.devices.setdefault((rec["site"], rec["device"]), {})[rec["point"]] = rec
             site = rec["site"]
             body = {"series": series, **rec}
         elif kind == "agg":

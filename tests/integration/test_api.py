@@ -226,6 +226,11 @@ def test_alarms_current_journal_and_an_audited_ack(env: dict[str, Any]) -> None:
     ok = httpx.post(env["base"] + "/api/alarms/hot/a1/d1/temp/shelve", headers=auth(env["tokens"]["a"]),
                     json={"duration": "1h"})  # fmt: skip
     assert ok.status_code == 202
+    shelved = wait_for(lambda: [e for e in journal() if e["transition"] == "shelve"], 60, "the shelve")
+    assert shelved[0]["shelved_until"] is not None
+    back = httpx.post(env["base"] + "/api/alarms/hot/a1/d1/temp/unshelve", headers=auth(env["tokens"]["a"]))
+    assert back.status_code == 202
+    wait_for(lambda: [e for e in journal() if e["transition"] == "unshelve"], 60, "the unshelve")
 
 
 def test_the_stream_carries_the_tenants_events_only_and_resumes(env: dict[str, Any]) -> None:
