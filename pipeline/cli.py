@@ -666,24 +666,61 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 @app.command()
 def run(topology: TopologyArg) -> None:
-    """Connectors and worker together; Ctrl-C stops both."""
+    """Connectors and worker together, supervised: a child that dies is started again (after 1 s, doubling
+    up to 60 s while it keeps dying); Ctrl-C, SIGTERM or SIGHUP stop both (SIGTERM to each, SIGKILL after
+    30 s)."""
     from localservices.harness import local_dir
 
     _load(topology)
     logs = local_dir() / "run"
-    procs = [
-        _spawn(["connect", str(topology)], logs / "connect.log"),
-        _spawn(["worker", str(topology)], logs / "worker.log"),
-    ]
+    _stop_on_signals()
+    children = {
+        "connect": ["connect", str(topology)],
+        "worker": ["worker", str(topology)],
+    }
+    procs = {name: _spawn(args, logs / f"{name}.log") for name, args in children.items()}
+    started = dict.fromkeys(procs, time.monotonic())
+    backoff = dict.fromkeys(procs, RESTART_FIRST_S)
+    due: dict[str, float] = {}  # child -> when to start it again
     console.print(f"connectors and worker running; logs in {logs}/ — Ctrl-C to stop")
     try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        console.print("[red]a process exited; stopping the rest[/]")
+        while True:
+            now = time.monotonic()
+            for name, p in procs.items():
+                if name in due or p.poll() is None:
+                    continue
+                if now - started[name] >= RESTART_RESET_S:
+                    backoff[name] = RESTART_FIRST_S  # it had been running well: start over
+                console.print(
+                    f"[red]{name} exited with code {p.returncode}[/]; starting it again in "
+                    f"{backoff[name]:.0f} s (log: {logs / (name + '.log')})"
+                )
+                due[name] = now + backoff[name]
+                backoff[name] = min(RESTART_MAX_S, backoff[name] * 2)
+            for name, when in list(due.items()):
+                if now >= when:
+                    del due[name]
+                    procs[name] = _spawn(children[name], logs / f"{name}.log")
+                    started[name] = now
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        _stop_all(procs)
+        _stop_all(list(procs.values()))
+
+
+RESTART_FIRST_S, RESTART_MAX_S, RESTART_RESET_S = 1.0, 60.0, 60.0
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (systemd, a closing terminal) stop like Ctrl-C: the children are stopped, not
+    orphaned."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 def _redact(dsn: str) -> str:
@@ -737,6 +774,7 @@ def demo(
     topo = _load(topology)
     do_deploy(topo, say=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
     logs = services.local_dir() / "demo"
+    _stop_on_signals()
     procs = [
         _spawn(["simulate", str(topology)], logs / "simulate.log"),
         _spawn(["connect", str(topology)], logs / "connect.log"),
