@@ -27,7 +27,12 @@ from connectors.timescale.schema import TIME_COLUMN, is_partitioned, month_bound
 
 log = logging.getLogger("plantstream.postgres")
 
-TEMPORARY_CLASSES = ("08", "53", "57", "40")
+# SQLSTATE classes that judge a row on its merits: data exceptions (22: out of range, bad text), integrity
+# (23: not null, check, unique), limits a row exceeds (54: an index row too large). Those rows go to the
+# dead-letter topic. Every other error is about the database (08 connection, 40 rollback, 42 a table renamed
+# or a privilege revoked, 53 resources, 55 lock not available, 57 shut down or cancelled, ...): the batch is
+# retried with capped backoff, the input paused, nothing dead-lettered.
+ROW_CLASSES = ("22", "23", "54")
 
 COLUMNS = {
     "agg_1m": (
@@ -93,12 +98,12 @@ WRITTEN_AT = frozenset(("agg_1m", "kpi_results", "alarm_events", "alarms"))
 
 
 def is_temporary(exc: BaseException) -> bool:
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not getattr(
-        exc, "sqlstate", None
-    ):
-        return True  # connection-level trouble without a server answer
+    """Whether ``exc`` is about the database rather than the rows (retry the batch; see ROW_CLASSES)."""
     state = getattr(exc, "sqlstate", None) or ""
-    return state[:2] in TEMPORARY_CLASSES
+    if not state:
+        # Without a server answer: connection-level trouble, or a value the client could not send (the row's).
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state[:2] not in ROW_CLASSES
 
 
 @dataclass
@@ -246,7 +251,9 @@ class PostgresWriter:
                 )
                 row = await cur.fetchone()
             await conn.commit()
-            self._partitioned[table] = bool(row and row[0] == "p")
+            if row is None:
+                return  # not there (renamed away, not deployed): the write fails and is retried; nothing kept
+            self._partitioned[table] = row[0] == "p"
         if not self._partitioned[table]:
             return
         tcol = COLUMNS[table].index(TIME_COLUMN[table])

@@ -125,8 +125,41 @@ def test_error_classification():
             self.sqlstate = state
 
     assert is_temporary(E("08006")) and is_temporary(E("40001")) and is_temporary(E("57P01"))
-    assert not is_temporary(E("22003")) and not is_temporary(E("23505"))
+    # About the database, not the rows: a table renamed, a privilege revoked, a lock not granted in time.
+    assert is_temporary(E("42P01")) and is_temporary(E("42501")) and is_temporary(E("55P03"))
+    assert not is_temporary(E("22003")) and not is_temporary(E("23505")) and not is_temporary(E("54000"))
     assert is_temporary(psycopg.OperationalError("connection lost"))
+    assert not is_temporary(psycopg.DataError("cannot adapt"))
+
+
+def test_a_table_gone_for_a_while_pauses_the_sink_and_nothing_is_dead_lettered(namespace):
+    """The table renamed away under the sink (42P01, as a migration or an operator might): the batch waits,
+    retried, and lands whole once the table is back; no row is refused (and "no such table" is not taken for
+    "not partitioned", which would refuse the rows of a month without its partition)."""
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    create_schema(dsn, schema, ("agg_1m",), timescale=False)
+    # A month without a partition yet (plain PostgreSQL): the writer must make it once the table is back.
+    records = [Record(0, i, aggregate_row(agg("s/d/p", T0 + i * 60_000, float(i)))) for i in range(50)]
+
+    async def go() -> None:
+        w = PostgresWriter(dsn, schema, consumer="t/pg", max_backoff=0.5)
+        retries: list[str] = []
+        w.on_retry = lambda e: retries.append(getattr(e, "sqlstate", "") or "")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'ALTER TABLE "{schema}".agg_1m RENAME TO agg_1m_away')
+            task = asyncio.create_task(w.write("agg_1m", "t.agg", records))
+            for _ in range(100):
+                if len(retries) >= 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert not task.done() and set(retries) == {"42P01"}
+            conn.execute(f'ALTER TABLE "{schema}".agg_1m_away RENAME TO agg_1m')
+        result = await asyncio.wait_for(task, 30)
+        assert result.written == 50 and result.rejected == []
+        assert len(rows(dsn, schema)) == 50
+        await w.close()
+
+    asyncio.run(go())
 
 
 def test_timescaledb_policies_follow_the_topology(namespace):
