@@ -176,6 +176,9 @@ class MqttSourceRunner:
         self._sub_id = 0
         self._pending: dict[tuple[str, str], _Pending] = {}  # in creation order: oldest first
         self._targets: dict[bytes, _Target] = {}
+        # topic -> the arrival time last given to its readings that carry no ts: the next is at least 1 ms
+        # later, so a backlog read at once keeps one reading per message (not one per series and read).
+        self._stamped: dict[bytes, int] = {}
         self._held = 0  # messages received and not yet completely in Kafka (any connection)
         self._acks: list[int] = []  # PUBACKs released by Kafka, to write
         self._reconnect_wanted = ""
@@ -359,19 +362,25 @@ class MqttSourceRunner:
         max_readings = self.cfg.batch.max_readings
         self.stats.received += len(pubs)
         self._held += len(pubs)
+        stamped = self._stamped
         for topic, payload, mid, _qos in pubs:
             t = targets.get(topic) or self._target(topic)
+            last = stamped.get(topic)
+            arrival = received if last is None or last < received else last + 1
             if t.point is None or t.route is None:
-                self._general(t, payload, mid, received, now)
+                if self._general(t, payload, mid, arrival, now):
+                    self._stamp(topic, arrival)
                 continue
             try:
-                reading = point_reading(t.point, payload, received, t.unit)
+                reading = point_reading(t.point, payload, arrival, t.unit)
             except InvalidRecord as e:
                 self._dead_letter(_Ack(mid, epoch, 1), e.reason, payload, t.topic)
                 continue
             except Exception as e:
                 self._dead_letter(_Ack(mid, epoch, 1), _unexpected(e), payload, t.topic)
                 continue
+            if reading["ts"] == arrival:
+                self._stamp(topic, arrival)
             pend = pending.get(t.key)
             if pend is None:
                 pend = pending[t.key] = _Pending(t.site, t.device, now, epoch)
@@ -383,8 +392,14 @@ class MqttSourceRunner:
             if len(pend.readings) >= max_readings:
                 self._produce(pending.pop(t.key))
 
-    def _general(self, t: _Target, payload: bytes, mid: int, received: int, now: float) -> None:
-        """Unroutable topics and objects of points: a message may become readings and dead letters."""
+    def _stamp(self, topic: bytes, arrival: int) -> None:
+        if len(self._stamped) >= TOPIC_CACHE:
+            self._stamped.clear()
+        self._stamped[topic] = arrival
+
+    def _general(self, t: _Target, payload: bytes, mid: int, received: int, now: float) -> bool:
+        """Unroutable topics and objects of points: a message may become readings and dead letters. Whether
+        a reading took ``received`` as its time."""
         # Starts at 1, held until every part is on its way, so a delivery report served while a dead letter
         # waits for queue room cannot acknowledge the message early. A message refused whole is one part.
         ack = _Ack(mid, self._epoch, 1)
@@ -394,10 +409,10 @@ class MqttSourceRunner:
             parsed = parse_message(t.route, t.ids, payload, received)
         except InvalidRecord as e:
             self._dead_letter(ack, e.reason, payload, t.topic)
-            return
+            return False
         except Exception as e:
             self._dead_letter(ack, _unexpected(e), payload, t.topic)
-            return
+            return False
         ack.remaining += len(parsed.rejected) + (1 if parsed.readings else 0)
         for reason in parsed.rejected:
             self._dead_letter(ack, reason, payload, t.topic)
@@ -411,6 +426,7 @@ class MqttSourceRunner:
             if len(pend.readings) >= self.cfg.batch.max_readings:
                 self._produce(self._pending.pop(key))
         self._part_done(ack, None)  # the parse-time hold
+        return any(r["ts"] == received for r in parsed.readings)
 
     # -- producing and acknowledging -----------------------------------------------------------------
     def _dead_letter(self, ack: _Ack, reason: str, payload: bytes, topic: str) -> None:

@@ -8,6 +8,7 @@ redelivers; acknowledgements never go to a later connection than the one that re
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import shutil
@@ -633,3 +634,27 @@ def test_sample_config_is_valid_and_every_option_is_taken():
     assert runner.client_id == "plantstream-site-mqtt" and runner.window == 10_000
     assert (cfg.username, cfg.password, cfg.qos) == ("plantstream", "change-me", 1)
     assert [r.mapping.point for _, r in runner.routes] == [None, None, "energy"]
+
+
+def test_a_backlog_without_timestamps_keeps_one_reading_per_message(start):
+    """Messages that carry no ts take their arrival time; many of one topic read at once (a backlog after a
+    reconnect) get one millisecond after another, in order, so no two share a (series, ts) and none is
+    overwritten in `readings`. A message with its own ts keeps it."""
+    _, prod, broker = start(batch={"max_readings": 500, "max_delay": "200ms"})
+    c = broker.conn()
+    for mid in range(1, 201):
+        c.publish("p/s/d1/temp", str(mid).encode(), mid)
+    c.publish("p/s/d1/temp", b'{"value": 0, "ts": 1767225600000}', 201)
+    for mid in range(202, 212):  # objects of points: one stamp per message too
+        c.publish("o/d2/data", json.dumps({"a": mid, "b": -mid}).encode(), mid)
+    wait_until(lambda: sum(len(b["readings"]) for _, b, _ in prod.sent) == 221)
+    temps = [r for _, b, _ in prod.sent for r in b["readings"] if b["device"] == "d1"]
+    stamped = [r["ts"] for r in temps if r["ts"] != 1_767_225_600_000]
+    assert len(stamped) == 200 and stamped == sorted(set(stamped))  # distinct, increasing, in message order
+    assert [r["value"] for r in temps if r["ts"] != 1_767_225_600_000] == [float(i) for i in range(1, 201)]
+    objs = [r for _, b, _ in prod.sent for r in b["readings"] if b["device"] == "d2"]
+    for point in ("a", "b"):
+        ts = [r["ts"] for r in objs if r["point"] == point]
+        assert len(ts) == 10 and ts == sorted(set(ts))
+    for i in range(len(prod.sent)):
+        prod.deliver(i)
