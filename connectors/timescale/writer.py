@@ -33,6 +33,16 @@ log = logging.getLogger("plantstream.postgres")
 # or a privilege revoked, 53 resources, 55 lock not available, 57 shut down or cancelled, ...): the batch is
 # retried with capped backoff, the input paused, nothing dead-lettered.
 ROW_CLASSES = ("22", "23", "54")
+# A database that stops answering (a host gone, a black-holed route) fails the connection within about 40 s
+# instead of hanging the sink; the retry loop then takes over. Options the DSN sets itself win.
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 COLUMNS = {
     "agg_1m": (
@@ -155,7 +165,9 @@ class PostgresWriter:
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=False)
+            given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+            options = {k: v for k, v in CONNECT_OPTIONS.items() if k not in given}
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=False, **options)
             self._staged.clear()
         return self._conn
 
@@ -260,6 +272,9 @@ class PostgresWriter:
         months = {month_bounds(r.row[tcol])[0] for r in records}
         missing = [m for m in months if (table, m) not in self._partitions_known]
         for m in missing:
+            # A partition takes a lock on the table that queues every reader behind it while it waits (a
+            # long dashboard query): wait 2 s at most, then retry the batch (55P03 is not about the rows).
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
             await conn.execute(partition_ddl(self.schema, table, m))
             await conn.commit()
             self._partitions_known.add((table, m))

@@ -376,3 +376,54 @@ def test_alarm_health_counts_as_eemua_191_does(namespace):
         ("a", 15, 2.5, 12, 1, 1, 1),
         ("b", 1, 1 / 6, 1, 0, 0, 0),
     ]
+
+
+def test_the_sink_connection_has_a_connect_timeout_and_keepalives_unless_the_dsn_says_otherwise(namespace):
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    create_schema(dsn, schema, ("agg_1m",), timescale=False)
+
+    async def params(url: str) -> dict[str, str]:
+        w = PostgresWriter(url, schema, consumer="t/pg")
+        conn = await w._connection()
+        out = conn.info.get_parameters()
+        await w.close()
+        return out
+
+    got = asyncio.run(params(dsn))
+    assert (
+        got["connect_timeout"] == "10"
+        and got["keepalives_idle"] == "10"
+        and got["tcp_user_timeout"] == "30000"
+    )
+    sep = "&" if "?" in dsn else "?"
+    assert asyncio.run(params(f"{dsn}{sep}keepalives_idle=60"))["keepalives_idle"] == "60"
+
+
+def test_a_new_partition_does_not_queue_readers_behind_a_long_dashboard_query(namespace):
+    """Plain PostgreSQL: a month's first rows need a partition, whose DDL locks the table. While a long
+    query holds the table, the sink waits 2 s at most per try (55P03, retried), so other readers are not
+    queued behind its lock for the length of that query; the rows land once the query is done."""
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    create_schema(dsn, schema, ("agg_1m",), timescale=False)
+    records = [Record(0, i, aggregate_row(agg("s/d/p", T0 + i * 60_000, float(i)))) for i in range(5)]
+
+    async def go() -> None:
+        w = PostgresWriter(dsn, schema, consumer="t/pg", max_backoff=0.5)
+        retries: list[str] = []
+        w.on_retry = lambda e: retries.append(getattr(e, "sqlstate", "") or "")
+        with psycopg.connect(dsn) as dashboard:
+            dashboard.execute(f'SELECT count(*) FROM "{schema}".agg_1m').fetchone()  # holds it until commit
+            task = asyncio.create_task(w.write("agg_1m", "t.agg", records))
+            for _ in range(200):
+                if "55P03" in retries:
+                    break
+                await asyncio.sleep(0.1)
+            assert "55P03" in retries
+            with psycopg.connect(dsn, options="-c statement_timeout=5000") as reader:
+                reader.execute(f'SELECT count(*) FROM "{schema}".agg_1m').fetchone()  # not stuck behind it
+            dashboard.commit()
+        result = await asyncio.wait_for(task, 30)
+        assert result.written == 5 and result.rejected == []
+        await w.close()
+
+    asyncio.run(go())
