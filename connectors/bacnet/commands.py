@@ -34,6 +34,7 @@ from connectors.bacnet.config import BacnetSource
 from pipeline.core import codec
 from pipeline.core.commands import (
     MAX_AGE_MS,
+    MAX_AHEAD_MS,
     CommandResult,
     InvalidCommand,
     WriteCommand,
@@ -116,6 +117,11 @@ class WritePolicy:
             if kind.startswith("multi-state-") and (v != int(v) or v < 1):
                 return f"value {v:g} is not a state number (1, 2, ...), as a multi-state point needs"
         age = now - cmd["ts"]
+        if -age > MAX_AHEAD_MS:
+            return (
+                f"stamped in the future: {-age / 1000:.0f}s ahead of this host's clock (at most "
+                f"{MAX_AHEAD_MS / 1000:.0f}s allowed); a command must be meant for now, else it never expires"
+            )
         if age > max_age_ms:
             return (
                 f"expired: requested {age / 1000:.0f}s ago; commands older than {max_age_ms / 1000:.0f}s "

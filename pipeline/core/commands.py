@@ -15,6 +15,7 @@ from pipeline.core.records import now_ms
 
 Status = Literal["accepted", "rejected", "failed"]
 MAX_AGE_MS = 300_000  # older commands are rejected as expired rather than run late
+MAX_AHEAD_MS = 60_000  # commands stamped further ahead are refused: they would never expire
 
 
 class WriteCommand(TypedDict):

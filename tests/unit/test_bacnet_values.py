@@ -191,6 +191,11 @@ def test_policy_allows_and_rejects() -> None:
     assert p.check(cmd("hq/ahu1/fan", 0.0), now) is None
     assert "state number" in (p.check(cmd("hq/ahu1/mode", 1.5), now) or "")
     assert "expired" in (p.check(cmd("hq/ahu1/sat_sp", 20.0, ts=now - 400_000), now) or "")
+    # Stamped far ahead it would never expire: refused; a clock a few seconds ahead is fine.
+    assert "stamped in the future: 86400s ahead" in (
+        p.check(cmd("hq/ahu1/sat_sp", 20.0, ts=now + 86_400_000), now) or ""
+    )
+    assert p.check(cmd("hq/ahu1/sat_sp", 20.0, ts=now + 5_000), now) is None
     assert p.owner("hq/ahu1/sat") == "bms" and p.owner("elsewhere/x/y") == "bms"
 
 
