@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -468,6 +469,22 @@ def _pg(topology: Path | None, sink: str | None) -> tuple[Any, str]:
     return sinks[0].dsn, sinks[0].schema_name
 
 
+T = TypeVar("T")
+
+
+def _in_db(topology: Path | None, sink: str | None, action: Callable[[Any, str], T]) -> tuple[T, str]:
+    """``action(connection, schema)`` on the postgres sink's database, and the schema; a database error or
+    a refused input ends the command with its message."""
+    import psycopg
+
+    dsn, schema = _pg(topology, sink)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return action(conn, schema), schema
+    except (psycopg.Error, ValueError) as e:
+        _db_error(e)
+
+
 def _db_error(e: Exception) -> NoReturn:
     console.print(f"[bold red]{e}[/]")
     raise typer.Exit(2) from None
@@ -506,32 +523,18 @@ def tenants_add(
     sink: SinkOpt = None,
 ) -> None:
     """Create a tenant (or give it more sites). A site belongs to one tenant."""
-    import psycopg
-
     from connectors.timescale import tenancy
 
-    dsn, schema = _pg(topology, sink)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            tenancy.add_tenant(conn, schema, tenant, site, name)
-    except (psycopg.Error, ValueError) as e:
-        _db_error(e)
+    _in_db(topology, sink, lambda conn, schema: tenancy.add_tenant(conn, schema, tenant, site, name))
     out.print(f"tenant {tenant}: sites {', '.join(site)}")
 
 
 @tenants_app.command("list")
 def tenants_list(topology: TopologyOpt = None, sink: SinkOpt = None) -> None:
     """Tenants, their sites and their database roles."""
-    import psycopg
-
     from connectors.timescale import tenancy
 
-    dsn, schema = _pg(topology, sink)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            rows = tenancy.tenants(conn, schema)
-    except psycopg.Error as e:
-        _db_error(e)
+    rows, schema = _in_db(topology, sink, tenancy.tenants)
     table = Table(title=f"tenants in {schema}")
     for col in ("tenant", "name", "sites", "database roles"):
         table.add_column(col)
@@ -549,19 +552,15 @@ def tenants_role(
 ) -> None:
     """A database login role that reads the tenant's rows only (for Grafana or SQL). The password is read
     from PLANTSTREAM_ROLE_PASSWORD or asked for; it is never printed."""
-    import psycopg
-
     from connectors.timescale import tenancy
 
-    dsn, schema = _pg(topology, sink)
+    _pg(topology, sink)  # the topology's problems before the password is asked for
     password = os.environ.get("PLANTSTREAM_ROLE_PASSWORD") or typer.prompt(
         f"password for {role}", hide_input=True, confirmation_prompt=True
     )
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            tenancy.grant_role(conn, schema, tenant, role, password)
-    except (psycopg.Error, ValueError) as e:
-        _db_error(e)
+    _, schema = _in_db(
+        topology, sink, lambda conn, schema: tenancy.grant_role(conn, schema, tenant, role, password)
+    )
     views = tenancy.tenant_schema(schema)
     out.print(f"role {role} reads tenant {tenant}'s rows in schema {views} (set search_path = {views})")
 
@@ -577,18 +576,16 @@ def tokens_create(
     sink: SinkOpt = None,
 ) -> None:
     """Create an API token: printed once, stored only as a hash."""
-    import psycopg
-
     from connectors.timescale import tenancy
     from pipeline.core.durations import parse_duration_ms
 
-    dsn, schema = _pg(topology, sink)
     try:
         valid = timedelta(milliseconds=parse_duration_ms(expires)) if expires else None
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            token, rec = tenancy.create_token(conn, schema, tenant, name, valid)
-    except (psycopg.Error, ValueError) as e:
+    except ValueError as e:
         _db_error(e)
+    (token, rec), _ = _in_db(
+        topology, sink, lambda conn, schema: tenancy.create_token(conn, schema, tenant, name, valid)
+    )
     console.print(
         f"token {rec.id} for tenant {tenant} ({name})"
         + (f", expires {rec.expires_at:%Y-%m-%d %H:%M} UTC" if rec.expires_at else "")
@@ -599,16 +596,9 @@ def tokens_create(
 @tokens_app.command("list")
 def tokens_list(topology: TopologyOpt = None, sink: SinkOpt = None) -> None:
     """Tokens (never their secret)."""
-    import psycopg
-
     from connectors.timescale import tenancy
 
-    dsn, schema = _pg(topology, sink)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            rows = tenancy.list_tokens(conn, schema)
-    except psycopg.Error as e:
-        _db_error(e)
+    rows, schema = _in_db(topology, sink, tenancy.list_tokens)
     table = Table(title=f"API tokens in {schema}")
     for col in ("id", "tenant", "name", "created", "expires", "revoked"):
         table.add_column(col)
@@ -631,16 +621,9 @@ def tokens_revoke(
     sink: SinkOpt = None,
 ) -> None:
     """Revoke a token (refused by serve within 10 s)."""
-    import psycopg
-
     from connectors.timescale import tenancy
 
-    dsn, schema = _pg(topology, sink)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            done = tenancy.revoke_token(conn, schema, token_id)
-    except psycopg.Error as e:
-        _db_error(e)
+    done, _ = _in_db(topology, sink, lambda conn, schema: tenancy.revoke_token(conn, schema, token_id))
     out.print(f"token {token_id} revoked" if done else f"no active token {token_id}")
 
 

@@ -272,16 +272,20 @@ def tenants(conn: psycopg.Connection, schema: str) -> list[tuple[str, str, list[
     return [(r[0], r[1], list(r[2]), list(r[3])) for r in rows]
 
 
-def grant_role(conn: psycopg.Connection, schema: str, tenant: str, role: str, password: str | None) -> None:
-    """A login role that reads ``tenant``'s rows only (created if missing; a password sets or changes it)."""
-    s = sql.Identifier(schema)
-    if (
-        conn.execute(sql.SQL("SELECT 1 FROM {}.tenants WHERE id = %s").format(s), (tenant,)).fetchone()
-        is None
-    ):
+def _require_tenant(conn: psycopg.Connection, schema: str, tenant: str) -> None:
+    row = conn.execute(
+        sql.SQL("SELECT 1 FROM {}.tenants WHERE id = %s").format(sql.Identifier(schema)), (tenant,)
+    ).fetchone()
+    if row is None:
         raise ValueError(
             f"no tenant {tenant!r}; create it with: plantstream tenants add {tenant} --site SITE"
         )
+
+
+def grant_role(conn: psycopg.Connection, schema: str, tenant: str, role: str, password: str | None) -> None:
+    """A login role that reads ``tenant``'s rows only (created if missing; a password sets or changes it)."""
+    s = sql.Identifier(schema)
+    _require_tenant(conn, schema, tenant)
     r = sql.Identifier(role)
     if not _role_exists(conn, role):
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(r))
@@ -317,13 +321,7 @@ def create_token(
 ) -> tuple[str, Token]:
     """A new API token for ``tenant``: the token (shown once; only its hash is stored) and its record."""
     s = sql.Identifier(schema)
-    if (
-        conn.execute(sql.SQL("SELECT 1 FROM {}.tenants WHERE id = %s").format(s), (tenant,)).fetchone()
-        is None
-    ):
-        raise ValueError(
-            f"no tenant {tenant!r}; create it with: plantstream tenants add {tenant} --site SITE"
-        )
+    _require_tenant(conn, schema, tenant)
     token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     expires = datetime.now(UTC) + valid_for if valid_for is not None else None
     conn.execute(
