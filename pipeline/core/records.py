@@ -193,6 +193,9 @@ def validate_batch(obj: Any) -> tuple[ReadingBatch, list[tuple[Any, str]]]:
         raise InvalidRecord(f"record must be a JSON object, got {type(obj).__name__}")
     site = _check_name(obj, "site")
     device = _check_name(obj, "device")
+    if obj.get("v") == 2:
+        scan, rejected = validate_scan(obj)
+        return scan.batch(), rejected
     if "readings" in obj:
         if obj.get("v", 1) != 1:
             raise InvalidRecord(f"unsupported ReadingBatch version v={obj.get('v')!r}")
@@ -212,6 +215,176 @@ def validate_batch(obj: Any) -> tuple[ReadingBatch, list[tuple[Any, str]]]:
         except InvalidRecord as e:
             bad.append((r, e.reason))
     return {"v": 1, "source": source, "site": site, "device": device, "readings": good}, bad
+
+
+class Scan:
+    """A ReadingBatch in columns (schema version 2, ``docs/contracts.md``), as the aggregation consumes it.
+
+    ``points``, ``ts``, ``values`` are parallel lists; ``quality`` is None when every reading is good,
+    ``units`` and ``status`` None when the batch carries none (else parallel lists with nulls).
+    """
+
+    __slots__ = ("device", "points", "quality", "site", "source", "status", "ts", "ts0", "units", "values")
+
+    def __init__(
+        self,
+        source: str,
+        site: str,
+        device: str,
+        points: list[str],
+        ts: list[int],
+        values: list[float],
+        quality: list[str] | None = None,
+        units: list[str | None] | None = None,
+        status: list[Any] | None = None,
+    ) -> None:
+        self.source, self.site, self.device = source, site, device
+        self.points, self.ts, self.values = points, ts, values
+        self.quality, self.units, self.status = quality, units, status
+        self.ts0: int | None = None  # the one time of every reading, when the batch gave one
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def reading(self, i: int) -> BatchReading:
+        r: BatchReading = {
+            "point": self.points[i],
+            "ts": self.ts[i],
+            "value": float(self.values[i]),
+            "quality": "good" if self.quality is None else self.quality[i],  # type: ignore[typeddict-item]
+        }
+        if self.units is not None and self.units[i] is not None:
+            r["unit"] = self.units[i]  # type: ignore[typeddict-item]
+        if self.status is not None and self.status[i] is not None:
+            r["status"] = self.status[i]
+        return r
+
+    def readings(self) -> list[BatchReading]:
+        if self.units is None and self.status is None:
+            if self.quality is None:
+                return [
+                    {"point": p, "ts": t, "value": float(v), "quality": "good"}
+                    for p, t, v in zip(self.points, self.ts, self.values, strict=True)
+                ]
+            return [
+                {"point": p, "ts": t, "value": float(v), "quality": q}  # type: ignore[typeddict-item]
+                for p, t, v, q in zip(self.points, self.ts, self.values, self.quality, strict=True)
+            ]
+        return [self.reading(i) for i in range(len(self.points))]
+
+    def batch(self) -> ReadingBatch:
+        """The same readings as a version-1 ReadingBatch (what the sinks and routings take)."""
+        return {
+            "v": 1,
+            "source": self.source,
+            "site": self.site,
+            "device": self.device,
+            "readings": self.readings(),
+        }
+
+    @classmethod
+    def of_batch(cls, b: ReadingBatch) -> Scan:
+        """A normalised version-1 batch (as :func:`validate_batch` returns it) in columns."""
+        rs = b["readings"]
+        quality: list[str] = [r["quality"] for r in rs]
+        units: list[str | None] | None = None
+        status: list[Any] | None = None
+        for r in rs:
+            if "unit" in r or "status" in r:
+                units = [r.get("unit") for r in rs]
+                status = [r.get("status") for r in rs]
+                break
+        return cls(
+            b["source"],
+            b["site"],
+            b["device"],
+            [r["point"] for r in rs],
+            [r["ts"] for r in rs],
+            [r["value"] for r in rs],
+            None if quality.count("good") == len(quality) else quality,
+            units,
+            status,
+        )
+
+
+_UNIT_TYPES = {str, type(None)}
+
+
+def validate_scan(obj: Any) -> tuple[Scan, list[tuple[Any, str]]]:
+    """Normalise a decoded ReadingBatch (version 2 or 1) or single Reading into a :class:`Scan`.
+
+    Version 2 costs a few C-level passes per column for a well-formed batch (types, finiteness, range);
+    only a batch that fails one of them is looked at reading by reading, to dead-letter exactly the bad ones.
+    """
+    if type(obj) is not dict or obj.get("v") != 2:
+        batch, bad = validate_batch(obj)
+        return Scan.of_batch(batch), bad
+    site = _check_name(obj, "site")
+    device = _check_name(obj, "device")
+    source = obj.get("source")
+    source = source if type(source) is str else ""
+    points = obj.get("points")
+    if type(points) is not list:
+        raise InvalidRecord(f"points must be a list, got {points!r:.80}")
+    n = len(points)
+    ts = obj.get("ts")
+    one_ts = type(ts) is int
+    if type(ts) is int:
+        if not TS_MIN_MS <= ts < TS_MAX_MS:
+            raise InvalidRecord(f"ts {ts} is outside 2000-01-01..2100-01-01 in epoch milliseconds")
+        ts = [ts] * n  # one timestamp for the whole scan
+    elif type(ts) is not list or len(ts) != n:
+        raise InvalidRecord(f"ts must be an integer or a list as long as points ({n}), got {ts!r:.80}")
+    values = obj.get("values")
+    if type(values) is not list or len(values) != n:
+        raise InvalidRecord(f"values must be a list as long as points ({n}), got {values!r:.80}")
+    quality = obj.get("quality")
+    units = obj.get("units")
+    status = obj.get("status")
+    for name, col in (("quality", quality), ("units", units), ("status", status)):
+        if col is not None and (type(col) is not list or len(col) != n):
+            raise InvalidRecord(f"{name} must be a list as long as points ({n}), got {col!r:.80}")
+    if quality is not None and quality.count("good") == n:
+        quality = None
+    if not n:
+        return Scan(source, site, device, [], [], [], None, None, None), []
+    try:
+        # One C-level pass each: join fails on a point that is not a string; sum on a value that is not a
+        # number, and it is NaN or infinite when one is (or when finite ones overflow: then we look closer).
+        # Integers and booleans stay as they are here; they are numbers (1/0), made floats where used.
+        "".join(points)
+        total = sum(values)
+        fine = (
+            "" not in points
+            and total - total == 0.0
+            and (one_ts or (type(sum(ts)) is int and min(ts) >= TS_MIN_MS and max(ts) < TS_MAX_MS))
+            and (quality is None or set(quality) <= QUALITIES)
+            and (units is None or set(map(type, units)) <= _UNIT_TYPES)
+        )
+    except TypeError:
+        fine = False
+    if fine:
+        scan = Scan(source, site, device, points, ts, values, quality, units, status)
+        if one_ts:
+            scan.ts0 = ts[0]
+        return scan, []
+    # Reading by reading: the good ones stay, the bad ones go back with their reason.
+    good: list[BatchReading] = []
+    rejected: list[tuple[Any, str]] = []
+    for i in range(n):
+        r: dict[str, Any] = {"point": points[i], "ts": ts[i], "value": values[i]}
+        r["quality"] = "good" if quality is None else quality[i]
+        if units is not None and units[i] is not None:
+            r["unit"] = units[i]
+        if status is not None and status[i] is not None:
+            r["status"] = status[i]
+        try:
+            good.append(_check_reading_fields(r))
+        except InvalidRecord as e:
+            rejected.append((r, e.reason))
+    return Scan.of_batch(
+        {"v": 1, "source": source, "site": site, "device": device, "readings": good}
+    ), rejected
 
 
 def dead_letter(

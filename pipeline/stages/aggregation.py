@@ -27,7 +27,7 @@ from confluent_kafka import Message
 
 from pipeline.core import codec
 from pipeline.core.kafka import ensure_compacted_topic, read_all
-from pipeline.core.records import HEARTBEAT_KEY, InvalidRecord, validate_batch
+from pipeline.core.records import HEARTBEAT_KEY, InvalidRecord, Scan, validate_scan
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.runtime import Step
 from pipeline.stages.windows import Close, MinuteAggregator
@@ -104,9 +104,20 @@ class Aggregation(Step):
     def process(self, msgs: list[Message]) -> None:
         self.now = time.monotonic()
         self.wall_ms = time.time_ns() // 1_000_000
-        handle = self._handle
+        # A partition's messages are folded into their windows together (the engine gives the same result
+        # as one at a time, in offset order); what closes is closed after them.
+        runs: dict[int, list[tuple[int, Scan]]] = {}
+        decode = self._decode
         for m in msgs:
-            handle(m.partition(), m.offset(), m.key(), m.value())
+            p, o = m.partition(), m.offset()
+            scan = decode(p, o, m.key(), m.value())
+            if scan is not None:
+                run = runs.get(p)
+                if run is None:
+                    run = runs[p] = []
+                run.append((o, scan))
+        for p, run in runs.items():
+            self._apply(p, run)
         self._log_closes()
 
     def _send(self, topic: str, key: str, value: Any, ts_ms: int | None = None) -> None:
@@ -148,65 +159,78 @@ class Aggregation(Step):
                 wlog.info("windows closed: partition=%d end=%d count=%d at=%.3f", p, end, n, now)
             self.closing.clear()
 
-    def _handle(self, p: int, o: int, key: bytes | None, value: bytes | None) -> None:
+    def _decode(self, p: int, o: int, key: bytes | None, value: bytes | None) -> Scan | None:
+        """A message's valid readings in columns (None when none); what is bad goes to the DLQ."""
         if key == HEARTBEAT_KEY:
-            return
+            return None
         counters = self.counters
         counters.messages += 1
         src = (key or b"").decode(errors="replace")
         try:
-            batch, bad = validate_batch(codec.loads(value or b""))
+            scan, bad = validate_scan(codec.loads(value or b""))
         except codec.JSONDecodeError as e:
             self._dlq(f"malformed: not JSON ({e})", value, src, p, o)
-            return
+            return None
         except InvalidRecord as e:
             self._dlq(f"invalid: {e.reason}", value, src, p, o)
-            return
-        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+            return None
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError) as e:
             # A shape no check foresaw: about the record, not the infrastructure.
             self._dlq(f"invalid: {e!r}", value, src, p, o)
-            return
-        site, device = batch["site"], batch["device"]
-        dkey = f"{site}/{device}"
-        source = batch["source"] or dkey
+            return None
+        site, device = scan.site, scan.device
+        source = scan.source or f"{site}/{device}"
         for r, reason in bad:
             self._dlq(f"invalid: {reason}", {"site": site, "device": device, "reading": r}, source, p, o)
+        until = self.wall_ms + self.topo.aggregates.max_future
         if self.route_loops is not None and (site, device) in self.route_loops.devices:
-            until = self.wall_ms + self.topo.aggregates.max_future
             # Replays too: the loop state drops what it has seen.
-            self.route_loops.route_with(self.stage.outbox.produce, batch, p, o, until)
+            self.route_loops.route_with(self.stage.outbox.produce, scan.batch(), p, o, until)
         if self.route_alerts is not None:
             # Replays too: an alarm instance ignores samples at or before its newest one.
-            self.route_alerts.readings(
-                self.stage.outbox.produce, batch, self.wall_ms + self.topo.aggregates.max_future
-            )
-        self.seen[dkey] = self.now
-        applied = self.engine.apply(p, o, batch, self.wall_ms)
-        if applied.skipped:
-            counters.skipped += 1
-            return
-        counters.readings += applied.applied
-        counters.duplicates += applied.duplicates
-        for r, window_end in applied.late:
-            counters.late += 1
-            self._dlq(
-                f"late: window ending {window_end} already closed for device {dkey} (its clock "
-                f"{applied.clock}, closed through {applied.watermark})",
-                {"site": site, "device": device, "reading": r},
-                source,
-                p,
-                o,
-            )
-        for r in applied.future:
-            self._dlq(
-                f"future: ts {r['ts']} is more than {self.topo.aggregates.max_future} ms ahead of the wall "
-                f"clock ({self.wall_ms})",
-                {"site": site, "device": device, "reading": r},
-                source,
-                p,
-                o,
-            )
-        self._close(p, o, self.engine.due(p, device=dkey))
+            self.route_alerts.scan(self.stage.outbox.produce, scan, until)
+        self.seen[f"{site}/{device}"] = self.now
+        return scan
+
+    def _apply(self, p: int, run: list[tuple[int, Scan]]) -> None:
+        counters = self.counters
+        results = self.engine.apply_many(p, run, self.wall_ms)
+        devices: set[str] = set()
+        for (o, scan), applied in zip(run, results, strict=True):
+            if applied.skipped:
+                counters.skipped += 1
+                continue
+            counters.readings += applied.applied
+            counters.duplicates += applied.duplicates
+            site, device = scan.site, scan.device
+            dkey = f"{site}/{device}"
+            devices.add(dkey)
+            if not applied.late and not applied.future:
+                continue
+            source = scan.source or dkey
+            for r, window_end in applied.late:
+                counters.late += 1
+                self._dlq(
+                    f"late: window ending {window_end} already closed for device {dkey} (its clock "
+                    f"{applied.clock}, closed through {applied.watermark})",
+                    {"site": site, "device": device, "reading": r},
+                    source,
+                    p,
+                    o,
+                )
+            for r in applied.future:
+                self._dlq(
+                    f"future: ts {r['ts']} is more than {self.topo.aggregates.max_future} ms ahead of the "
+                    f"wall clock ({self.wall_ms})",
+                    {"site": site, "device": device, "reading": r},
+                    source,
+                    p,
+                    o,
+                )
+        closes = []
+        for dkey in sorted(devices):
+            closes += self.engine.due(p, device=dkey)
+        self._close(p, run[-1][0], closes)
 
     def tick(self, now: float) -> None:
         stage, engine = self.stage, self.engine

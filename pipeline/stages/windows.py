@@ -48,9 +48,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 
-from pipeline.core.records import Aggregate, BatchReading, Reading, ReadingBatch
+from pipeline.core.records import Aggregate, BatchReading, Reading, ReadingBatch, Scan
 
 WINDOW_MS = 60_000
 WM_PREFIX = "\x00wm/"
@@ -186,17 +187,16 @@ def window_result(
 
 
 class Series:
-    """One series' state: its open windows (window start -> state list), unit and newest published time."""
+    """One series: its open windows (window start -> slot of the columns), unit and index in the arrays."""
 
-    __slots__ = ("chunk", "latest", "latest_ts", "name", "unit", "windows")
+    __slots__ = ("chunk", "idx", "name", "unit", "windows")
 
-    def __init__(self, name: str, chunk: Chunk) -> None:
+    def __init__(self, name: str, chunk: Chunk, idx: int) -> None:
         self.name = name
         self.chunk = chunk
-        self.windows: dict[int, list[Any]] = {}
+        self.idx = idx  # row of the per-series arrays (current window, newest reading)
+        self.windows: dict[int, int] = {}
         self.unit: str | None = None
-        self.latest_ts: int | None = None  # newest event time seen (published or about to be)
-        self.latest: BatchReading | None = None  # that reading, until it is published
 
 
 class Chunk:
@@ -211,23 +211,25 @@ class Chunk:
         self.offsets: dict[int, int] = {}  # input partition -> last offset applied to these series
         self.series: dict[str, Series] = {}  # point -> state
 
-    def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "o": {str(p): o for p, o in self.offsets.items()},
-                "s": [
-                    [point, s.latest_ts, s.unit, [[ws, *st] for ws, st in s.windows.items()]]
-                    for point, s in self.series.items()
-                ],
-            },
-            default=sorted,  # the set of sub-second offsets seen
-        )
+
+class Layout:
+    """A device's list of points as a batch sends it, resolved once: series rows, series and chunks."""
+
+    __slots__ = ("arr", "chunks", "idx", "points", "series", "units")
+
+    def __init__(self, points: list[str], series: list[Series]) -> None:
+        self.points = points
+        self.series = series
+        self.idx = [s.idx for s in series]
+        self.arr = np.asarray(self.idx, np.int64)
+        self.chunks = list(dict.fromkeys(s.chunk for s in series))
+        self.units: list[str | None] | None = None  # the last units applied through it
 
 
 class Device:
     """One device's clock, watermark, chunks and open windows."""
 
-    __slots__ = ("chunks", "key", "mx", "open", "partition", "points", "seq", "wm")
+    __slots__ = ("chunks", "hi", "key", "last", "layouts", "mx", "open", "partition", "points", "seq", "wm")
 
     def __init__(self, key: str, partition: int) -> None:
         self.key = key
@@ -235,9 +237,12 @@ class Device:
         self.mx: int | None = None  # newest event time applied: the device's clock
         self.wm: int | None = None  # windows ending at or before it are closed
         self.chunks: list[Chunk] = []
-        self.points: dict[str, Series] = {}  # point -> state (the hot path's index)
+        self.points: dict[str, Series] = {}  # point -> state
         self.open: dict[int, dict[str, Series]] = {}  # window_end -> series with an open window there
         self.seq = 0  # counts the device's checkpoints: the newest state wins when a device moved
+        self.layouts: dict[tuple[str, ...], Layout] = {}
+        self.last: Layout | None = None  # the layout of its last message
+        self.hi: dict[int, int] = {}  # input partition -> highest offset applied to any of its chunks
 
     def head(self) -> bytes:
         self.seq += 1
@@ -253,20 +258,21 @@ class PartitionState:
     heads: set[str] = field(default_factory=set)  # devices whose clock changed since the last checkpoint
     gone: list[bytes] = field(default_factory=list)  # keys of evicted chunks: tombstones at the checkpoint
     changed: bool = False  # the partition record changed since the last checkpoint
-    latest: set[Series] = field(default_factory=set)  # series with a newer reading not yet published
 
 
-@dataclass
 class Applied:
     """What :meth:`MinuteAggregator.apply` did with one message."""
 
-    skipped: bool = False  # the whole message had been applied before (replay)
-    late: list[tuple[BatchReading, int]] = field(default_factory=list)  # reading, window_end it missed
-    future: list[BatchReading] = field(default_factory=list)  # stamped too far ahead of the wall clock
-    duplicates: int = 0  # (series, ts) already applied
-    applied: int = 0
-    clock: int | None = None  # the device's clock and watermark when the message was judged
-    watermark: int | None = None
+    __slots__ = ("applied", "clock", "duplicates", "future", "late", "skipped", "watermark")
+
+    def __init__(self, skipped: bool = False) -> None:
+        self.skipped = skipped  # the whole message had been applied before (replay)
+        self.late: list[tuple[BatchReading, int]] = []  # reading, window_end it missed
+        self.future: list[BatchReading] = []  # stamped too far ahead of the wall clock
+        self.duplicates = 0  # (series, ts) already applied
+        self.applied = 0
+        self.clock: int | None = None  # the device's clock and watermark when the message was judged
+        self.watermark: int | None = None
 
 
 @dataclass
@@ -274,6 +280,216 @@ class Close:
     series: str
     window_start: int
     aggregate: Aggregate
+
+
+I64 = np.int64
+F64 = np.float64
+NO_TS_LO = np.iinfo(np.int64).max  # FIRST_TS of a window without good readings
+NO_TS_HI = np.iinfo(np.int64).min  # LAST_TS, and the newest time of a series without readings
+QUALITY_CODE = {"good": 0, "uncertain": 1, "bad": 2}
+QUALITY_NAME = ("good", "uncertain", "bad")
+FOLD_MAX = 1 << 19  # readings per vectorised fold (the newest-reading key holds a position in 20 bits)
+VECTOR_MIN = 8  # fewer windows than this still taking readings: the rest goes one by one (cheaper then)
+
+
+class Columns:
+    """Every open window's statistics, one slot per window, one numpy array per statistic.
+
+    The hot path updates whole batches of windows at once; a slot is taken when a window opens and given
+    back when it closes. Sub-second duplicate sets (rare) live in a dict by slot.
+    """
+
+    def __init__(self, cap: int = 1024) -> None:
+        self.cap = 0
+        self.free: list[int] = []
+        self.count = np.zeros(0, I64)
+        self.good = np.zeros(0, I64)
+        self.mean = np.zeros(0, F64)
+        self.m2 = np.zeros(0, F64)
+        self.min = np.zeros(0, F64)
+        self.max = np.zeros(0, F64)
+        self.sum = np.zeros(0, F64)
+        self.comp = np.zeros(0, F64)
+        self.first_ts = np.zeros(0, I64)
+        self.first = np.zeros(0, F64)
+        self.last_ts = np.zeros(0, I64)
+        self.last = np.zeros(0, F64)
+        self.seen = np.zeros(0, np.uint64)
+        self.ovf = np.zeros(0, I64)
+        self.phase = np.zeros(0, I64)
+        self.seen_ms: dict[int, set[int]] = {}
+        self._grow(cap)
+
+    NAMES = (
+        "count",
+        "good",
+        "mean",
+        "m2",
+        "min",
+        "max",
+        "sum",
+        "comp",
+        "first_ts",
+        "first",
+        "last_ts",
+        "last",
+    )
+
+    def _grow(self, cap: int) -> None:
+        for name in (*self.NAMES, "seen", "ovf", "phase"):
+            old = getattr(self, name)
+            new = np.zeros(cap, old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+        self.free.extend(range(cap - 1, self.cap - 1, -1))
+        self.cap = cap
+
+    def take(self, phase: int) -> int:
+        if not self.free:
+            self._grow(self.cap * 2)
+        i = self.free.pop()
+        self.count[i] = self.good[i] = 0
+        self.mean[i] = self.m2[i] = self.sum[i] = self.comp[i] = 0.0
+        self.min[i], self.max[i] = np.inf, -np.inf
+        self.first_ts[i], self.last_ts[i] = NO_TS_LO, NO_TS_HI
+        self.first[i] = self.last[i] = 0.0
+        self.seen[i] = 0
+        self.ovf[i] = 0
+        self.phase[i] = phase
+        return i
+
+    def take_many(self, phases: list[int]) -> list[int]:
+        """Slots for new windows, initialised at once."""
+        n = len(phases)
+        while len(self.free) < n:
+            self._grow(self.cap * 2)
+        got = self.free[-n:][::-1]
+        del self.free[-n:]
+        ix = np.asarray(got, I64)
+        for a in (self.count, self.good, self.seen, self.ovf):
+            a[ix] = 0
+        for b in (self.mean, self.m2, self.sum, self.comp, self.first, self.last):
+            b[ix] = 0.0
+        self.min[ix], self.max[ix] = np.inf, -np.inf
+        self.first_ts[ix], self.last_ts[ix] = NO_TS_LO, NO_TS_HI
+        self.phase[ix] = phases
+        for i in got:
+            self.seen_ms.pop(i, None)
+        return got
+
+    def give(self, i: int) -> None:
+        self.seen_ms.pop(i, None)
+        self.free.append(i)
+
+    def get(self, i: int) -> list[Any]:
+        """A window's state as a list in the checkpoint's layout (COUNT ... PHASE)."""
+        return self.rows([i])[0]
+
+    def rows(self, slots: list[int]) -> list[list[Any]]:
+        if not slots:
+            return []
+        ix = np.asarray(slots, I64)
+        cols = [getattr(self, n)[ix].tolist() for n in self.NAMES]
+        seen = self.seen[ix].tolist()
+        ovf = self.ovf[ix].tolist()
+        phase = self.phase[ix].tolist()
+        out = []
+        for k, i in enumerate(slots):
+            st: list[Any] = [c[k] for c in cols]
+            if not st[GOOD]:
+                st[MIN] = st[MAX] = st[FIRST_TS] = st[FIRST] = st[LAST_TS] = st[LAST] = None
+            st.append(seen[k])
+            st.append(self.seen_ms.get(i))
+            st.append(ovf[k])
+            st.append(phase[k])
+            out.append(st)
+        return out
+
+    def put(self, i: int, st: list[Any]) -> None:
+        """Write a window's state given as a list in the checkpoint's layout."""
+        n = st[GOOD]
+        self.count[i], self.good[i] = st[COUNT], n
+        self.mean[i], self.m2[i], self.sum[i], self.comp[i] = st[MEAN], st[M2], st[SUM], st[COMP]
+        self.min[i] = st[MIN] if n else np.inf
+        self.max[i] = st[MAX] if n else -np.inf
+        self.first_ts[i] = st[FIRST_TS] if n else NO_TS_LO
+        self.last_ts[i] = st[LAST_TS] if n else NO_TS_HI
+        self.first[i] = st[FIRST] if n else 0.0
+        self.last[i] = st[LAST] if n else 0.0
+        self.seen[i] = st[SEEN]
+        if st[SEEN_MS]:
+            self.seen_ms[i] = set(st[SEEN_MS])
+        else:
+            self.seen_ms.pop(i, None)
+        self.ovf[i] = st[OVF]
+        self.phase[i] = st[PHASE]
+
+
+class _Fold:
+    """The readings of consecutive messages, gathered for one vectorised fold (arrival order)."""
+
+    __slots__ = ("idx", "n", "qual", "seg", "status", "t_cnt", "t_val", "vals")
+
+    def __init__(self) -> None:
+        self.idx: list[np.ndarray] = []  # series rows, per message
+        self.t_val: list[int] = []  # times, run-length: a scan with one time is one run
+        self.t_cnt: list[int] = []
+        self.vals: list[float] = []
+        self.qual: list[int] | None = None  # quality codes, once a reading is not good
+        self.status: dict[int, Any] = {}  # position -> status of the readings that carry one
+        self.seg: list[Applied] = []  # the messages whose readings are here
+        self.n = 0
+
+    def add(self, scan: Scan, lay: Layout, keep: list[int] | None) -> int:
+        base = self.n
+        if keep is None:
+            n = len(scan.points)
+            self.idx.append(lay.arr)
+            if scan.ts0 is not None:
+                self.t_val.append(scan.ts0)
+                self.t_cnt.append(n)
+            else:
+                self.t_val.extend(scan.ts)
+                self.t_cnt.extend(_ONES[:n] if n <= len(_ONES) else [1] * n)
+            self.vals.extend(scan.values)
+            if scan.quality is not None or self.qual is not None:
+                if self.qual is None:
+                    self.qual = [0] * base
+                if scan.quality is None:
+                    self.qual.extend([0] * n)
+                else:
+                    self.qual.extend([QUALITY_CODE[q] for q in scan.quality])
+            if scan.units is not None and scan.units != lay.units:
+                for s, u in zip(lay.series, scan.units, strict=True):
+                    if u is not None:
+                        s.unit = u
+                lay.units = scan.units
+            if scan.status is not None:
+                for i, stt in enumerate(scan.status):
+                    if stt is not None:
+                        self.status[base + i] = stt
+        else:
+            n = len(keep)
+            li, ts, vs = lay.idx, scan.ts, scan.values
+            self.idx.append(np.asarray([li[i] for i in keep], I64))
+            self.t_val.extend([ts[i] for i in keep])
+            self.t_cnt.extend([1] * n)
+            self.vals.extend([vs[i] for i in keep])
+            if scan.quality is not None or self.qual is not None:
+                if self.qual is None:
+                    self.qual = [0] * base
+                q = scan.quality
+                self.qual.extend([0] * n if q is None else [QUALITY_CODE[q[i]] for i in keep])
+            for k, i in enumerate(keep):
+                if scan.units is not None and scan.units[i] is not None:
+                    lay.series[i].unit = scan.units[i]
+                if scan.status is not None and scan.status[i] is not None:
+                    self.status[base + k] = scan.status[i]
+        self.n = base + n
+        return n
+
+
+_ONES = [1] * 1024
 
 
 class MinuteAggregator:
@@ -293,6 +509,19 @@ class MinuteAggregator:
         self.parts: dict[int, PartitionState] = {}
         self.devices: dict[str, Device] = {}  # site/device -> state
         self.series: dict[str, Series] = {}  # site/device/point -> state
+        self.cols = Columns()
+        # Per series row: the newest window (its start and slot, for the hot path's one comparison) and the
+        # newest reading, until telemetry.latest has it.
+        self.rows: list[Series | None] = []
+        self.free_rows: list[int] = []
+        self.cur_ws = np.zeros(0, I64)
+        self.cur_slot = np.zeros(0, I64)
+        self.lat_ts = np.zeros(0, I64)
+        self.lat_val = np.zeros(0, F64)
+        self.lat_q = np.zeros(0, np.int8)
+        self.lat_new = np.zeros(0, np.bool_)  # a newer reading not yet published
+        self.row_part = np.zeros(0, I64)  # the input partition of the series' device
+        self.lat_status: dict[int, Any] = {}
         self.late_count = 0
         self.closed_count = 0
         self.duplicate_count = 0
@@ -304,16 +533,62 @@ class MinuteAggregator:
             ps = self.parts[partition] = PartitionState()
         return ps
 
+    def _row(self, s: Series | None) -> int:
+        if self.free_rows:
+            i = self.free_rows.pop()
+            self.rows[i] = s
+        else:
+            i = len(self.rows)
+            self.rows.append(s)
+            if i >= len(self.cur_ws):
+                cap = max(1024, 2 * len(self.cur_ws))
+                for name in ("cur_ws", "cur_slot", "lat_ts", "lat_val", "lat_q", "lat_new", "row_part"):
+                    old = getattr(self, name)
+                    new = np.zeros(cap, old.dtype)
+                    new[: len(old)] = old
+                    setattr(self, name, new)
+        self.cur_ws[i] = -1
+        self.cur_slot[i] = -1
+        self.lat_ts[i] = NO_TS_HI
+        self.lat_new[i] = False
+        self.row_part[i] = -1
+        return i
+
     def _new_series(self, dev: Device, point: str) -> Series:
         chunks = dev.chunks
         if not chunks or len(chunks[-1].series) >= self.chunk_points:
             chunks.append(Chunk(dev.key, len(chunks)))
         chunk = chunks[-1]
-        s = Series(f"{dev.key}/{point}", chunk)
+        s = Series(f"{dev.key}/{point}", chunk, -1)
+        s.idx = self._row(s)
+        self.row_part[s.idx] = dev.partition
         chunk.series[point] = s
         self.series[s.name] = s
         dev.points[point] = s
         return s
+
+    def _release(self, s: Series) -> None:
+        """A series leaves the memory: its windows' slots and its row are given back."""
+        for slot in s.windows.values():
+            self.cols.give(slot)
+        s.windows = {}
+        self.rows[s.idx] = None
+        self.lat_status.pop(s.idx, None)
+        self.lat_new[s.idx] = False
+        self.free_rows.append(s.idx)
+        if self.series.get(s.name) is s:
+            del self.series[s.name]
+
+    def _open(self, dev: Device, s: Series, ws: int, slot: int) -> None:
+        s.windows[ws] = slot
+        we = ws + self.window_ms
+        members = dev.open.get(we)
+        if members is None:
+            members = dev.open[we] = {}
+        members[s.name] = s
+        if ws > self.cur_ws[s.idx]:
+            self.cur_ws[s.idx] = ws
+            self.cur_slot[s.idx] = slot
 
     def _device(self, ps: PartitionState, partition: int, key: str) -> Device:
         dev = ps.devices.get(key)
@@ -336,6 +611,9 @@ class MinuteAggregator:
                 old.gone.extend(c.key.encode() for c in dev.chunks)
                 old.gone.append((DEV_PREFIX + key).encode())
             dev.partition = partition
+            for c in dev.chunks:
+                for s in c.series.values():
+                    self.row_part[s.idx] = partition
             ps.dirty.update(dev.chunks)
         ps.heads.add(key)
         ps.devices[key] = dev
@@ -350,7 +628,7 @@ class MinuteAggregator:
             ps.gone.append((DEV_PREFIX + dev.key).encode())
         for c in dev.chunks:
             for s in c.series.values():
-                self.series.pop(s.name, None)
+                self._release(s)
         self.devices.pop(dev.key, None)
 
     def drop(self, partitions: Iterable[int]) -> None:
@@ -365,7 +643,7 @@ class MinuteAggregator:
                 self.devices.pop(dev.key, None)
                 for c in dev.chunks:
                     for s in c.series.values():
-                        self.series.pop(s.name, None)
+                        self._release(s)
 
     def restore(self, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
         """Load a partition's state from its checkpoint records (the last value of each key wins)."""
@@ -377,7 +655,7 @@ class MinuteAggregator:
         wm_key = f"{WM_PREFIX}{partition}".encode()
         legacy: tuple[int | None, int | None] = (None, None)  # a partition clock written by older versions
         heads: dict[str, dict[str, Any]] = {}
-        chunks: dict[str, list[Chunk]] = {}
+        chunks: dict[str, list[tuple[Chunk, list[Any]]]] = {}
         for key, value in last.items():
             if value is None:
                 continue
@@ -396,18 +674,7 @@ class MinuteAggregator:
             o = rec["o"]
             # Older versions kept one offset, of the partition named by "p".
             chunk.offsets = {int(p): v for p, v in o.items()} if isinstance(o, dict) else {rec["p"]: o}
-            for point, latest_ts, unit, windows in rec["s"]:
-                s = Series(f"{device}/{point}", chunk)
-                s.latest_ts, s.unit = latest_ts, unit
-                for w in windows:
-                    st = w[1:]
-                    if len(st) < PHASE + 1:
-                        st.extend(new_window()[len(st) :])  # written by an older version
-                    if st[SEEN_MS] is not None:
-                        st[SEEN_MS] = set(st[SEEN_MS])
-                    s.windows[w[0]] = st
-                chunk.series[point] = s
-            chunks.setdefault(device, []).append(chunk)
+            chunks.setdefault(device, []).append((chunk, rec["s"]))
         for dkey in sorted(set(heads) | set(chunks)):
             head = heads.get(dkey)
             seq = head.get("q", 0) if head is not None else 0
@@ -419,18 +686,52 @@ class MinuteAggregator:
             dev = Device(dkey, partition)
             dev.seq = seq
             dev.mx, dev.wm = (head["mx"], head["wm"]) if head is not None else legacy
-            dev.chunks = sorted(chunks.get(dkey, []), key=lambda c: c.index)
-            for c in dev.chunks:
-                for point, s in c.series.items():
+            for chunk, rows in sorted(chunks.get(dkey, []), key=lambda c: c[0].index):
+                dev.chunks.append(chunk)
+                for p, o in chunk.offsets.items():
+                    dev.hi[p] = max(dev.hi.get(p, -1), o)
+                for point, latest_ts, unit, windows in rows:
+                    s = Series(f"{dkey}/{point}", chunk, -1)
+                    s.idx = self._row(s)
+                    self.row_part[s.idx] = partition
+                    s.unit = unit
+                    if latest_ts is not None:
+                        self.lat_ts[s.idx] = latest_ts
+                    chunk.series[point] = s
                     dev.points[point] = s
                     self.series[s.name] = s
-                    for ws in s.windows:
-                        dev.open.setdefault(ws + self.window_ms, {})[s.name] = s
+                    for w in windows:
+                        st = w[1:]
+                        if len(st) < PHASE + 1:
+                            st.extend(new_window()[len(st) :])  # written by an older version
+                        slot = self.cols.take(0)
+                        self.cols.put(slot, st)
+                        self._open(dev, s, w[0], slot)
             self.devices[dkey] = dev
             if dev.chunks:
                 ps.devices[dkey] = dev
             else:
                 ps.retired[dkey] = dev
+
+    def _encode(self, chunk: Chunk) -> bytes:
+        slots = [slot for s in chunk.series.values() for slot in s.windows.values()]
+        rows = iter(self.cols.rows(slots))
+        lat = self.lat_ts
+        return orjson.dumps(
+            {
+                "o": {str(p): o for p, o in chunk.offsets.items()},
+                "s": [
+                    [
+                        point,
+                        None if lat[s.idx] == NO_TS_HI else int(lat[s.idx]),
+                        s.unit,
+                        [[ws, *next(rows)] for ws in s.windows],
+                    ]
+                    for point, s in chunk.series.items()
+                ],
+            },
+            default=sorted,  # the set of sub-second offsets seen
+        )
 
     def checkpoint(self, partition: int) -> list[tuple[bytes, bytes | None]]:
         """The records that make the partition's state since the last checkpoint durable."""
@@ -449,7 +750,7 @@ class MinuteAggregator:
             if dev is None:
                 continue
             for c in sorted(by_device.get(key, []), key=lambda c: c.index):
-                out.append((c.key.encode(), c.encode()))
+                out.append((c.key.encode(), self._encode(c)))
             out.append(((DEV_PREFIX + key).encode(), dev.head()))
         ps.dirty.clear()
         ps.heads.clear()
@@ -460,30 +761,35 @@ class MinuteAggregator:
 
     def take_latest(self, partition: int) -> list[Reading]:
         """Newest reading of each series changed since the last call (coalesced for telemetry.latest)."""
-        ps = self.parts.get(partition)
-        if ps is None or not ps.latest:
+        n = len(self.rows)
+        ix = np.flatnonzero(self.lat_new[:n] & (self.row_part[:n] == partition))
+        if not len(ix):
             return []
+        self.lat_new[ix] = False
+        idx = ix.tolist()
+        tss = self.lat_ts[ix].tolist()
+        vals = self.lat_val[ix].tolist()
+        qs = self.lat_q[ix].tolist()
         out: list[Reading] = []
-        for s in ps.latest:
-            r = s.latest
-            if r is None:
+        for i, ts, v, q in zip(idx, tss, vals, qs, strict=True):
+            s = self.rows[i]
+            if s is None:
                 continue
             site, device, point = s.name.split("/", 2)
             rd: Reading = {
                 "site": site,
                 "device": device,
                 "point": point,
-                "ts": r["ts"],
-                "value": r["value"],
-                "quality": r["quality"],
+                "ts": ts,
+                "value": v,
+                "quality": QUALITY_NAME[q],  # type: ignore[typeddict-item]
             }
             if s.unit:
                 rd["unit"] = s.unit
-            if "status" in r:
-                rd["status"] = r["status"]
+            status = self.lat_status.get(i)
+            if status is not None:
+                rd["status"] = status
             out.append(rd)
-            s.latest = None
-        ps.latest = set()
         return out
 
     def watermark(self, device: str) -> int | None:
@@ -505,88 +811,367 @@ class MinuteAggregator:
         return dev is not None and bool(dev.open)
 
     # -- step 1 ------------------------------------------------------------------------------------
-    def apply(self, partition: int, offset: int, batch: ReadingBatch, wall_ms: int | None = None) -> Applied:
+    def apply(
+        self, partition: int, offset: int, batch: ReadingBatch | Scan, wall_ms: int | None = None
+    ) -> Applied:
+        """One message (see :meth:`apply_many`)."""
+        scan = batch if isinstance(batch, Scan) else Scan.of_batch(batch)
+        return self.apply_many(partition, [(offset, scan)], wall_ms)[0]
+
+    def _layout(self, dev: Device, points: list[str]) -> Layout:
+        get = dev.points.get
+        series = [get(p) or self._new_series(dev, p) for p in points]
+        lay = Layout(points, series)
+        if len(dev.layouts) >= 16:
+            dev.layouts.clear()  # a device whose point lists vary: the cache stays small
+        dev.layouts[tuple(points)] = lay
+        return lay
+
+    def apply_many(
+        self, partition: int, items: list[tuple[int, Scan]], wall_ms: int | None = None
+    ) -> list[Applied]:
+        """Fold the readings of consecutive messages of one partition (offset order) into their windows.
+
+        The same as applying them one by one with :meth:`due` after each: a message's readings are judged
+        late against its device's watermark as the messages before it left it, so a window that those
+        messages close takes nothing from the later ones. Each window folds its readings in arrival order,
+        with the same arithmetic as one at a time, so the aggregates do not depend on how messages were
+        batched (a replay after a crash gives the same bits).
+        """
         ps = self._part(partition)
-        out = Applied()
-        if offset <= ps.offset:
-            out.skipped = True
-            return out
-        dev = self._device(ps, partition, f"{batch['site']}/{batch['device']}")
-        wm = dev.wm
-        out.clock, out.watermark = dev.mx, wm
+        results: list[Applied] = []
         future = None if wall_ms is None or self.max_future_ms is None else wall_ms + self.max_future_ms
+        window_ms, grace = self.window_ms, self.grace_ms
+        f = _Fold()
+        wms: dict[Device, int | None] = {}  # device -> watermark as the messages so far left it
+        dirty = ps.dirty
+        for offset, scan in items:
+            if offset <= ps.offset:
+                results.append(Applied(skipped=True))
+                continue
+            out = Applied()
+            results.append(out)
+            points = scan.points
+            if not points:
+                continue
+            dev = self._device(ps, partition, scan.site + "/" + scan.device)
+            lay = dev.last
+            if lay is None or points != lay.points:  # a device usually sends the same points each time
+                lay = dev.layouts.get(tuple(points)) or self._layout(dev, points)
+                dev.last = lay
+            wm = wms.get(dev, dev.wm)
+            mx = dev.mx
+            out.clock, out.watermark = mx, wm
+            ts = scan.ts
+            ts0 = scan.ts0
+            if ts0 is None:
+                top, lo = max(ts), min(ts)
+            else:
+                top = lo = ts0
+            keep: list[int] | None = None  # positions applied, when not all are
+            hi_ts: int | None = top
+            lo_ts: int | None = lo
+            if future is not None and top > future:
+                keep = []
+                for i, t in enumerate(ts):
+                    if t > future:
+                        out.future.append(scan.reading(i))  # moves no clock
+                    else:
+                        keep.append(i)
+                hi_ts = max((ts[i] for i in keep), default=None)
+                lo_ts = min((ts[i] for i in keep), default=None)
+            chunks = lay.chunks
+            if offset <= dev.hi.get(partition, -1):
+                # Applied before a crash (the rest of the message was not): skip what its chunks hold, but
+                # let it move the clock as it did then, so the rest is judged as it was the first time.
+                done = {c for c in chunks if c.offsets.get(partition, -1) >= offset}
+                if done:
+                    chunks = [c for c in chunks if c not in done]
+                    series = lay.series
+                    keep = [
+                        i for i in (range(len(ts)) if keep is None else keep) if series[i].chunk not in done
+                    ]
+                    lo_ts = min((ts[i] for i in keep), default=None)
+            if hi_ts is not None and (mx is None or hi_ts > mx):
+                mx = hi_ts
+            if wm is not None and lo_ts is not None and lo_ts - lo_ts % window_ms + window_ms <= wm:
+                kept = []
+                for i in range(len(ts)) if keep is None else keep:
+                    we = ts[i] - ts[i] % window_ms + window_ms
+                    if we <= wm:
+                        out.late.append((scan.reading(i), we))
+                    else:
+                        kept.append(i)
+                keep = kept
+            for c in chunks:
+                c.offsets[partition] = offset
+            dirty.update(chunks)
+            if chunks and offset > dev.hi.get(partition, -1):
+                dev.hi[partition] = offset
+            if mx != dev.mx:
+                dev.mx = mx
+                ps.heads.add(dev.key)
+            wms[dev] = wm if mx is None or (wm is not None and wm >= mx - grace) else mx - grace
+            out.applied = f.add(scan, lay, keep)  # less the duplicates, after the fold
+            f.seg.append(out)
+            if f.n >= FOLD_MAX:
+                self._fold_segment(f)
+                f = _Fold()
+        if f.n:
+            self._fold_segment(f)
+        for out in results:
+            self.duplicate_count += out.duplicates
+            self.late_count += len(out.late)
+        return results
+
+    def _fold_segment(self, f: _Fold) -> None:
+        dups = self._fold(f)
+        if dups is None:
+            return
+        pos = 0
+        for out in f.seg:  # duplicates are counted against the message that carried them
+            n = out.applied
+            d = int(dups[pos : pos + n].sum())
+            out.duplicates, out.applied = d, n - d
+            pos += n
+
+    def _fold(self, f: _Fold) -> np.ndarray | None:
+        """The vectorised core: readings (in arrival order) into their windows' slots. Returns the
+        duplicate mask (by position), or None when there was none."""
+        cols = self.cols
         window_ms = self.window_ms
-        points = dev.points
-        open_index = dev.open
-        latest = ps.latest
-        touched: set[Chunk] = set()
-        last_chunk: Chunk | None = None
-        skip = False
-        mx = dev.mx
-        applied = duplicates = 0
-        for r in batch["readings"]:
-            ts = r["ts"]
-            if future is not None and ts > future:
-                out.future.append(r)  # moves no clock
-                continue
-            point = r["point"]
-            s = points.get(point)
-            if s is None:
-                s = self._new_series(dev, point)
-            chunk = s.chunk
-            if chunk is not last_chunk:
-                # Applied before a crash (the rest of the message was not): skip, but let it move the clock
-                # as it did then, so the other chunks' readings are judged as they were the first time.
-                skip = chunk.offsets.get(partition, -1) >= offset
-                if not skip:
-                    touched.add(chunk)
-                last_chunk = chunk
-            if mx is None or ts > mx:
-                mx = ts
-            if skip:
-                continue
-            ws = ts - ts % window_ms
-            if wm is not None and ws + window_ms <= wm:
-                out.late.append((r, ws + window_ms))
-                continue
-            st = s.windows.get(ws)
-            if st is None:
-                st = s.windows[ws] = new_window()
-                st[PHASE] = (ts - ws) % 1000
-                we = ws + window_ms
-                members = open_index.get(we)
-                if members is None:
-                    members = open_index[we] = {}
-                members[s.name] = s
-            d = ts - ws - st[PHASE]
-            if d >= 0 and d % 1000 == 0:  # a whole number of seconds after the first: one bit (inlined)
-                bit = 1 << (d // 1000)
-                if st[SEEN] & bit:
-                    duplicates += 1
-                    continue
-                st[SEEN] |= bit
-            elif seen_before(st, ts - ws):
-                duplicates += 1
-                continue
-            add_reading(st, ts, r["value"], r["quality"] == "good")
-            applied += 1
-            if "unit" in r:
-                s.unit = r["unit"]
-            if s.latest_ts is None or ts >= s.latest_ts:
-                s.latest_ts = ts
-                s.latest = r
-                latest.add(s)
-        for chunk in touched:
-            chunk.offsets[partition] = offset
-        ps.dirty.update(touched)
-        if mx != dev.mx:
-            dev.mx = mx
-            ps.heads.add(dev.key)
-        out.applied = applied
-        out.duplicates = duplicates
-        self.duplicate_count += duplicates
-        self.late_count += len(out.late)
-        return out
+        sidx = np.concatenate(f.idx) if len(f.idx) > 1 else f.idx[0]
+        ts = np.repeat(np.asarray(f.t_val, I64), f.t_cnt)
+        val = np.asarray(f.vals, F64)
+        qual_l, status = f.qual, f.status
+        ws = ts - ts % window_ms
+        slot = self.cur_slot[sidx]
+        miss = self.cur_ws[sidx] != ws
+        missed = bool(miss.any())
+        if missed:
+            # A window other than the series' newest: found or opened one by one per (series, window).
+            mi = np.flatnonzero(miss)
+            keys = sidx[mi] * (1 << 31) + ws[mi] // window_ms
+            uk, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+            found: list[int] = []
+            opening: list[tuple[int, Series, int]] = []  # position in found, series, window start
+            phases: list[int] = []
+            rows = self.rows
+            mil = mi.tolist()
+            for j, (k, fi) in enumerate(zip(uk.tolist(), first.tolist(), strict=True)):
+                r, wn = divmod(k, 1 << 31)
+                w = wn * window_ms
+                s = rows[r]
+                assert s is not None
+                sl = s.windows.get(w)
+                if sl is None:
+                    opening.append((j, s, w))
+                    phases.append((int(ts[mil[fi]]) - w) % 1000)  # the first reading fixes the phase
+                    sl = -1
+                found.append(sl)
+            if opening:
+                devices = self.devices
+                for (j, s, w), sl in zip(opening, cols.take_many(phases), strict=True):
+                    self._open(devices[s.chunk.device], s, w, sl)
+                    found[j] = sl
+            slot[mi] = np.asarray(found, I64)[inv.ravel()]
+        n = len(ts)
+        # Duplicates: a reading a whole number of seconds after its window's phase is one bit of SEEN;
+        # others go through the window's set. Grouped by slot, arrival order kept.
+        order = np.argsort(slot, kind="stable")
+        s_slot = slot[order]
+        s_ts = ts[order]
+        s_ws = ws[order]
+        d = s_ts - s_ws - cols.phase[s_slot]
+        regular = (d >= 0) & (d % 1000 == 0) & (d < 64_000)
+        dup_s = np.zeros(n, np.bool_)
+        allreg = bool(regular.all())
+        r_at = None if allreg else np.flatnonzero(regular)
+        r_slot = s_slot if r_at is None else s_slot[r_at]
+        if len(r_slot):
+            r_bits = np.left_shift(np.uint64(1), ((d if r_at is None else d[r_at]) // 1000).astype(np.uint64))
+            r_starts = np.flatnonzero(np.concatenate(([True], r_slot[1:] != r_slot[:-1])))
+            r_sizes = np.diff(np.append(r_starts, len(r_slot)))
+            gslot = r_slot[r_starts]
+            seen = cols.seen[gslot]
+            r_dup = np.zeros(len(r_slot), np.bool_)
+            if r_sizes.max() == 1:
+                r_dup = (seen & r_bits) != 0
+                seen |= r_bits
+            else:
+                # Across windows at once, one reading of each per step, in arrival order.
+                by = np.argsort(-r_sizes, kind="stable")
+                g_start, g_size = r_starts[by], r_sizes[by]
+                seen = seen[by]
+                neg = -g_size
+                for k in range(int(g_size[0])):
+                    m = int(np.searchsorted(neg, -k, side="left"))
+                    at = g_start[:m] + k
+                    b = r_bits[at]
+                    sm = seen[:m]
+                    r_dup[at] = (sm & b) != 0
+                    sm |= b
+                gslot = gslot[by]
+            cols.seen[gslot] = seen
+            if r_at is None:
+                dup_s = r_dup
+            else:
+                dup_s[r_at] = r_dup
+        if r_at is not None:
+            # Readings off the phase of their window: through its set of offsets, one by one.
+            seen_ms = cols.seen_ms
+            for k, sl, off in zip(
+                np.flatnonzero(~regular).tolist(),
+                s_slot[~regular].tolist(),
+                (s_ts - s_ws)[~regular].tolist(),
+                strict=True,
+            ):
+                ms = seen_ms.get(sl)
+                if ms is None:
+                    seen_ms[sl] = {off}
+                elif off in ms:
+                    dup_s[k] = True
+                else:
+                    ms.add(off)
+        anydup = bool(dup_s.any())
+        if anydup:
+            fresh = ~dup_s
+            order, s_slot, s_ts = order[fresh], s_slot[fresh], s_ts[fresh]
+        s_val = val[order]
+        s_good = None if qual_l is None else np.asarray(qual_l, np.int8)[order] == 0
+        n = len(order)
+        if n:
+            # count: every reading applied; the statistics: the good ones.
+            starts = np.flatnonzero(np.concatenate(([True], s_slot[1:] != s_slot[:-1])))
+            gslot = s_slot[starts]
+            cols.count[gslot] += np.diff(np.append(starts, n))
+            if s_good is None:
+                self._stats(s_slot, s_ts, s_val)
+            elif s_good.any():
+                self._stats(s_slot[s_good], s_ts[s_good], s_val[s_good])
+            # Newest reading per series (ties: the later arrival), for telemetry.latest.
+            s_sidx = sidx[order]
+            key = (s_ts << 20) | order  # time, then arrival (a fold takes at most 2**20 readings)
+            best = np.maximum.reduceat(key, starts)
+            g_sidx = s_sidx[starts]
+            if missed:  # then a series can have readings in two windows
+                u, inv = np.unique(g_sidx, return_inverse=True)
+                if len(u) != len(g_sidx):
+                    top = np.full(len(u), np.iinfo(np.int64).min, I64)
+                    np.maximum.at(top, inv.ravel(), best)
+                    g_sidx, best = u, top
+            b_ts = best >> 20
+            newer = b_ts >= self.lat_ts[g_sidx]
+            if newer.any():
+                g_sidx, b_pos = g_sidx[newer], best[newer] & ((1 << 20) - 1)
+                self.lat_ts[g_sidx] = b_ts[newer]
+                self.lat_val[g_sidx] = val[b_pos]
+                self.lat_q[g_sidx] = 0 if qual_l is None else np.asarray(qual_l, np.int8)[b_pos]
+                if status or self.lat_status:
+                    for r, p in zip(g_sidx.tolist(), b_pos.tolist(), strict=True):
+                        stt = status.get(p)
+                        if stt is None:
+                            self.lat_status.pop(r, None)
+                        else:
+                            self.lat_status[r] = stt
+                self.lat_new[g_sidx] = True
+        if not anydup:
+            return None
+        dup = np.zeros(len(ts), np.bool_)
+        dup[np.argsort(slot, kind="stable")[dup_s]] = True
+        return dup
+
+    def _stats(self, s_slot: np.ndarray, s_ts: np.ndarray, s_val: np.ndarray) -> None:
+        """Welford mean/M2, Neumaier sum, min/max and first/last of good readings grouped by slot (arrival
+        order within a slot): the arithmetic of :func:`add_reading`, across windows at once."""
+        cols = self.cols
+        n = len(s_slot)
+        starts = np.flatnonzero(np.concatenate(([True], s_slot[1:] != s_slot[:-1])))
+        sizes = np.diff(np.append(starts, n))
+        gslot = s_slot[starts]
+        ovf = cols.ovf[gslot] != 0
+        by = np.argsort(-sizes, kind="stable")
+        g_start, g_size, g_slot = starts[by], sizes[by], gslot[by]
+        ovf = ovf[by]
+        w_n = cols.good[g_slot]
+        w_mean, w_m2 = cols.mean[g_slot], cols.m2[g_slot]
+        w_s, w_c = cols.sum[g_slot], cols.comp[g_slot]
+        w_min, w_max = cols.min[g_slot], cols.max[g_slot]
+        w_fts, w_first = cols.first_ts[g_slot], cols.first[g_slot]
+        w_lts, w_last = cols.last_ts[g_slot], cols.last[g_slot]
+        neg = -g_size
+        top = int(g_size[0])
+        k = 0
+        with np.errstate(over="ignore", invalid="ignore"):  # overflows are found below and redone
+            while k < top:
+                m = int(np.searchsorted(neg, -k, side="left"))
+                if m < VECTOR_MIN and k:
+                    break
+                at = g_start[:m] + k
+                v = s_val[at]
+                t = s_ts[at]
+                nn = w_n[:m]
+                nn += 1
+                mean0 = w_mean[:m]
+                delta = v - mean0
+                mean = mean0 + delta / nn
+                w_m2[:m] += delta * (v - mean)
+                w_mean[:m] = mean
+                s0 = w_s[:m]
+                tt = s0 + v
+                w_c[:m] += np.where(np.abs(s0) >= np.abs(v), (s0 - tt) + v, (v - tt) + s0)
+                w_s[:m] = tt
+                np.minimum(w_min[:m], v, out=w_min[:m])
+                np.maximum(w_max[:m], v, out=w_max[:m])
+                up = t < w_fts[:m]
+                w_fts[:m] = np.where(up, t, w_fts[:m])
+                w_first[:m] = np.where(up, v, w_first[:m])
+                up = t >= w_lts[:m]
+                w_lts[:m] = np.where(up, t, w_lts[:m])
+                w_last[:m] = np.where(up, v, w_last[:m])
+                k += 1
+            bad = ovf | ~np.isfinite(w_mean + w_m2 + w_s + w_c)
+        # Overflowed (now or before) and the long tail of the few windows with many readings: one by one.
+        slow = np.flatnonzero(bad | (g_size > k))
+        for g in slow.tolist():
+            sl = int(g_slot[g])
+            if bad[g]:
+                st = cols.get(sl)
+                begin = 0
+            else:
+                st = cols.get(sl)
+                st[GOOD], st[MEAN], st[M2], st[SUM], st[COMP] = (
+                    int(w_n[g]),
+                    float(w_mean[g]),
+                    float(w_m2[g]),
+                    float(w_s[g]),
+                    float(w_c[g]),
+                )
+                if st[GOOD]:
+                    st[MIN], st[MAX] = float(w_min[g]), float(w_max[g])
+                    st[FIRST_TS], st[FIRST], st[LAST_TS], st[LAST] = (
+                        int(w_fts[g]),
+                        float(w_first[g]),
+                        int(w_lts[g]),
+                        float(w_last[g]),
+                    )
+                begin = k
+            a = int(g_start[g])
+            count = st[COUNT]
+            for j in range(a + begin, a + int(g_size[g])):
+                add_reading(st, int(s_ts[j]), float(s_val[j]), True)
+            st[COUNT] = count
+            w_n[g], w_mean[g], w_m2[g], w_s[g], w_c[g] = st[GOOD], st[MEAN], st[M2], st[SUM], st[COMP]
+            if st[GOOD]:
+                w_min[g], w_max[g] = st[MIN], st[MAX]
+                w_fts[g], w_first[g], w_lts[g], w_last[g] = st[FIRST_TS], st[FIRST], st[LAST_TS], st[LAST]
+            cols.ovf[sl] = st[OVF]
+        cols.good[g_slot] = w_n
+        cols.mean[g_slot], cols.m2[g_slot] = w_mean, w_m2
+        cols.sum[g_slot], cols.comp[g_slot] = w_s, w_c
+        cols.min[g_slot], cols.max[g_slot] = w_min, w_max
+        cols.first_ts[g_slot], cols.first[g_slot] = w_fts, w_first
+        cols.last_ts[g_slot], cols.last[g_slot] = w_lts, w_last
 
     # -- step 2 ------------------------------------------------------------------------------------
     def due(self, partition: int, flush_all: bool = False, device: str | None = None) -> list[Close]:
@@ -598,12 +1183,23 @@ class MinuteAggregator:
             devices = [] if dev is None else [dev]
         else:
             devices = sorted(ps.devices.values(), key=lambda d: d.key)
-        closes: list[Close] = []
+        found: list[tuple[Series, int, int]] = []
         for dev in devices:
-            self._due(ps, dev, flush_all, closes)
-        return closes
+            self._due(ps, dev, flush_all, found)
+        return self._results(found)
 
-    def _due(self, ps: PartitionState, dev: Device, flush_all: bool, closes: list[Close]) -> None:
+    def _results(self, found: list[tuple[Series, int, int]]) -> list[Close]:
+        if not found:
+            return []
+        states = self.cols.rows([slot for _, _, slot in found])
+        return [
+            Close(s.name, ws, window_result(s.name, ws, st, s.unit, self.window_ms))
+            for (s, ws, _), st in zip(found, states, strict=True)
+        ]
+
+    def _due(
+        self, ps: PartitionState, dev: Device, flush_all: bool, found: list[tuple[Series, int, int]]
+    ) -> None:
         if dev.mx is not None:
             cand = dev.mx - self.grace_ms
             if dev.wm is None or cand > dev.wm:
@@ -618,9 +1214,9 @@ class MinuteAggregator:
             members = dev.open[we]
             for name in sorted(members):
                 s = members[name]
-                st = s.windows.get(ws)
-                if st is not None:
-                    closes.append(Close(name, ws, window_result(name, ws, st, s.unit, self.window_ms)))
+                slot = s.windows.get(ws)
+                if slot is not None:
+                    found.append((s, ws, slot))
         if flush_all and ends:
             # An idle flush closes windows that the watermark has not reached yet; move the watermark
             # to their end so that a reading for them arriving later is judged late, like any other.
@@ -634,8 +1230,15 @@ class MinuteAggregator:
         ps = self._part(partition)
         for c in closes:
             s = self.series.get(c.series)
-            if s is None or s.windows.pop(c.window_start, None) is None:
+            if s is None:
                 continue
+            slot = s.windows.pop(c.window_start, None)
+            if slot is None:
+                continue
+            self.cols.give(slot)
+            if self.cur_slot[s.idx] == slot:
+                self.cur_ws[s.idx] = -1
+                self.cur_slot[s.idx] = -1
             ps.dirty.add(s.chunk)
             dev = self.devices.get(s.chunk.device)
             if dev is None:
@@ -666,10 +1269,12 @@ class MinuteAggregator:
             ps.dirty.discard(c)
             ps.gone.append(c.key.encode())
             for s in c.series.values():
-                self.series.pop(s.name, None)
-                ps.latest.discard(s)
+                self._release(s)
         dev.chunks = []
         dev.points = {}
+        dev.layouts = {}
+        dev.last = None
+        dev.hi = {}
         del ps.devices[device]
         ps.retired[device] = dev
         ps.heads.add(device)

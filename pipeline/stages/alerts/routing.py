@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pipeline.core import codec
+from pipeline.core.records import Scan
 from pipeline.stages.alerts.config import AlertRule, RuleIndex
 
 Produce = Callable[..., None]
@@ -44,6 +45,26 @@ class AlertRouting:
         """The reading rules whose site and device patterns match (None: no rule and no reference here)."""
         found = self.reading_rules.for_device(site, device)
         return _Device(site, device, self.reading_rules, found, self.refs) if found or self.refs else None
+
+    def scan(self, produce: Produce, scan: Scan, until: int | None = None) -> None:
+        """:meth:`readings` for a batch in columns: the quiet case straight from its columns."""
+        dev = (scan.site, scan.device)
+        d = self._devices.get(dev, _MISSING)
+        if d is _MISSING:
+            d = self._devices[dev] = self._device(scan.site, scan.device)
+        if d is None:
+            return
+        assert isinstance(d, _Device)
+        if d.quiet and scan.points:
+            values, times = scan.values, scan.ts
+            if d.lo <= min(values) and max(values) <= d.hi:
+                last = max(times)
+                if min(times) > d.rest and (until is None or last <= until):
+                    if last > d.clock:
+                        d.clock = last
+                    self._tick(produce, d, [])
+                    return
+        self.readings(produce, scan.batch(), until)  # type: ignore[arg-type]
 
     def readings(self, produce: Produce, batch: dict[str, Any], until: int | None = None) -> None:
         site, device = batch["site"], batch["device"]
