@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from connectors.mqtt.wire import MAX_PACKET_SIZE, MIN_PACKET_SIZE
 from pipeline.core.durations import DurationMs
 from pipeline.core.topology import Model
 
@@ -69,8 +70,23 @@ class MqttSource(Model):
     topics: list[TopicMapping] = Field(min_length=1)
     batch: BatchSettings = BatchSettings()
     max_inflight: int = Field(10_000, ge=1, description="unacknowledged MQTT messages at most")
+    max_packet_size: int = Field(
+        1 << 20,
+        description="largest MQTT packet taken, in bytes; also the MQTT 5 Maximum Packet Size asked of the "
+        "broker",
+    )
     username: str | None = None
     password: str | None = Field(None, repr=False)
+
+    @field_validator("max_packet_size")
+    @classmethod
+    def _packet_size(cls, v: int) -> int:
+        if not MIN_PACKET_SIZE <= v <= MAX_PACKET_SIZE:
+            raise ValueError(
+                f"max_packet_size must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes "
+                f"(MQTT's largest packet), got {v}"
+            )
+        return v
 
     @field_validator("url")
     @classmethod

@@ -24,6 +24,14 @@ Acknowledgements go only to the connection that received the message. After a re
 redelivers what was not acknowledged; batches of the old connection still complete in Kafka, so such a
 message can reach Kafka twice (at-least-once; the sinks are idempotent), never zero times.
 
+Bounds. No packet larger than ``max_packet_size`` is assembled: MQTT 5 asks the broker not to send one
+(Maximum Packet Size), and a PUBLISH that comes anyway (MQTT 3.1.1 cannot ask) is read past as it streams in
+(``wire.Reader``), dead-lettered with its topic and first payload bytes, and acknowledged once that is in
+Kafka. A batch that Kafka refuses as too large is sent again split between messages; a message too large on
+its own is dead-lettered. Every way a record can fail, including a refusal before it was queued, completes
+its messages, so none stays counted against ``max_inflight``. A malformed packet closes the connection, and
+the next one is made after a backoff.
+
 Connection upkeep: PINGREQ after ``KEEPALIVE_S`` without sending (or the broker's Server Keep Alive), and a
 new connection if its PINGRESP does not come within as long; reconnects with capped, jittered backoff (1 s
 doubling to 30 s; at once after a connection that lasted), subscribing again every time. On stop (SIGTERM):
@@ -45,13 +53,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from connectors.common.backoff import delays
-from connectors.common.producer import TelemetryProducer
+from connectors.common.producer import Delivered, TelemetryProducer
 from connectors.mqtt import wire
 from connectors.mqtt.config import MqttSource
 from connectors.mqtt.parse import Route, parse_message, point_reading, topic_matches
+from pipeline.core import codec
 from pipeline.core.records import BatchReading, InvalidRecord, ReadingBatch, now_ms
 
 log = logging.getLogger("plantstream.mqtt")
@@ -76,6 +85,8 @@ TOPIC_CACHE = 100_000  # topics remembered; past it the cache starts over
 # read is full and nothing waits; a single message is late by a millisecond.
 COALESCE_BYTES = 16 * 1024
 COALESCE_S = 0.001
+# Payload bytes a dead letter keeps of a message too large to keep whole (over max_packet_size, or for Kafka).
+HEAD_BYTES = wire.OVERSIZED_HEAD
 
 
 class _Ack:
@@ -93,7 +104,7 @@ class _Ack:
 class _Pending:
     """A device's batch being filled, and the messages it completes."""
 
-    __slots__ = ("device", "epoch", "mids", "parts", "plain", "readings", "site", "started")
+    __slots__ = ("device", "epoch", "mids", "parts", "plain", "readings", "site", "spans", "started")
 
     def __init__(self, site: str, device: str, started: float, epoch: int) -> None:
         self.site = site
@@ -104,12 +115,34 @@ class _Pending:
         self.mids: list[int] = []  # QoS 1 messages wholly in this batch
         self.plain = 0  # QoS 0 messages wholly in this batch
         self.parts: list[_Ack] = []  # messages with other records besides this batch
+        # Messages of several readings: (first, end, topic, payload head). Every other reading is a message
+        # of its own. Only read when Kafka finds the batch too large and it is split between messages.
+        self.spans: list[tuple[int, int, str, bytes]] = []
+
+
+class _Group:
+    """The records a batch became when Kafka refused it as too large; ``done`` once all are through, with
+    the first failure if there was one."""
+
+    __slots__ = ("done", "error", "remaining")
+
+    def __init__(self, done: Delivered) -> None:
+        self.done = done
+        self.error: KafkaError | None = None
+        self.remaining = 1  # held while the records are being sent, so that none completes the group early
+
+    def part_done(self, err: KafkaError | None) -> None:
+        if err is not None and self.error is None:
+            self.error = err
+        self.remaining -= 1
+        if not self.remaining:
+            self.done(self.error)
 
 
 class _Target:
     """Where a topic's messages go, resolved once per topic string."""
 
-    __slots__ = ("device", "ids", "key", "point", "reason", "route", "site", "topic", "unit")
+    __slots__ = ("device", "ids", "key", "malformed", "point", "reason", "route", "site", "topic", "unit")
 
     def __init__(self, topic: str, route: Route | None, ids: dict[str, str] | None, reason: str = "") -> None:
         self.topic = topic
@@ -121,6 +154,7 @@ class _Target:
         self.point = self.ids.get("point")
         self.key = (self.site, self.device)
         self.unit = route.mapping.unit if route else None
+        self.malformed = False
 
 
 @dataclass
@@ -132,6 +166,9 @@ class Stats:
     acked: int = 0
     delivery_errors: int = 0
     reconnects: int = 0
+    oversized: int = 0  # MQTT packets over max_packet_size, dead-lettered
+    oversized_for_kafka: int = 0  # messages (or readings) Kafka refused as too large, dead-lettered
+    malformed: int = 0  # connections closed over a malformed packet
 
 
 def _unexpected(e: Exception) -> str:
@@ -141,8 +178,39 @@ def _unexpected(e: Exception) -> str:
     return f"payload could not be parsed: {type(e).__name__}: {e}"[:300]
 
 
+def _head(payload: bytes) -> bytes:
+    """The first HEAD_BYTES of a payload, not ending inside a UTF-8 character: a text payload stays text in
+    the dead letter (a cut character would make it base64)."""
+    head = payload[:HEAD_BYTES]
+    if len(head) == len(payload):
+        return head
+    for k in range(1, min(4, len(head)) + 1):
+        b = head[-k]
+        if b & 0xC0 != 0x80:  # the last character's first byte: does the character fit?
+            need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4
+            return head[:-k] if need > k else head
+    return head
+
+
+def _refused(e: Exception) -> KafkaError:
+    """The error of a record the producer refused before queueing it (``MSG_SIZE_TOO_LARGE`` past its
+    message.max.bytes, say), to be handled as its failed delivery."""
+    if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError):
+        return e.args[0]
+    log.exception("producing failed")
+    return KafkaError(KafkaError._FAIL, f"{type(e).__name__}: {e}")
+
+
+def _too_large(err: KafkaError | None) -> bool:
+    return err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+
 class _Lost(Exception):
     """The MQTT connection is gone or unusable; the reason is the message."""
+
+
+class _Malformed(_Lost):
+    """The broker sent something that is not MQTT as this client speaks it: reconnect after a backoff."""
 
 
 class _Fallback(_Lost):
@@ -166,7 +234,8 @@ class MqttSourceRunner:
         self._connected = threading.Event()
         self._sock: socket.socket | None = None
         self._poller: Any = None
-        self._rest = b""
+        self._reader = wire.Reader(self.version, cfg.max_packet_size)
+        self._early = b""  # what came with the CONNACK, for the first turn
         self._epoch = 0  # one per connection: PUBACKs only go to the connection that received the message
         self._keepalive = KEEPALIVE_S
         self._last_rx = self._last_tx = 0.0
@@ -181,8 +250,7 @@ class MqttSourceRunner:
         self._stamped: dict[bytes, int] = {}
         self._held = 0  # messages received and not yet completely in Kafka (any connection)
         self._acks: list[int] = []  # PUBACKs released by Kafka, to write
-        self._reconnect_wanted = ""
-        self._unread = False
+        self._reconnect: _Lost | None = None  # raised at the end of the turn
 
     # -- connection ----------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -199,10 +267,11 @@ class MqttSourceRunner:
                     username=self.cfg.username,
                     password=self.cfg.password if self.cfg.username else None,
                     receive_maximum=self.window,
+                    maximum_packet_size=self.cfg.max_packet_size,
                 )
             )
             buf = b""
-            while (first := wire.first_packet(buf)) is None:
+            while (first := wire.first_packet(buf, self.cfg.max_packet_size)) is None:
                 data = sock.recv(READ_BYTES)
                 if not data:
                     raise _Lost("the broker closed the connection before CONNACK")
@@ -229,8 +298,8 @@ class MqttSourceRunner:
         self._sock = sock
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
-        self._rest = buf[used:]
-        self._unread = bool(self._rest)  # packets that came with the CONNACK
+        self._reader = wire.Reader(self.version, self.cfg.max_packet_size)
+        self._early = buf[used:]  # packets that came with the CONNACK
         self._keepalive = KEEPALIVE_S if ack.server_keepalive is None else ack.server_keepalive
         self._last_rx = self._last_tx = self._up_since = time.monotonic()
         self._ping_at = None
@@ -263,8 +332,7 @@ class MqttSourceRunner:
             self.stats.reconnects += 1
             log.warning("source %s: disconnected (%s); reconnecting", self.cfg.id, reason)
         self._acks.clear()  # they belong to the connection that is gone
-        self._rest = b""
-        self._unread = False
+        self._early = b""
 
     def _send(self, data: bytes) -> None:
         assert self._sock is not None
@@ -302,18 +370,42 @@ class MqttSourceRunner:
                 time.sleep(COALESCE_S)
 
     def _feed(self, data: bytes) -> None:
-        buf = self._rest + data if self._rest else data
         try:
-            pubs, ctrl, used = wire.split(buf, self.version)
+            pubs, ctrl, over = self._reader.feed(data)
         except (wire.ProtocolError, IndexError) as e:
-            raise _Lost(f"protocol error: {e}") from None
-        self._rest = buf[used:]
+            raise _Malformed(f"malformed packet: {e}") from None
         self._last_rx = time.monotonic()
         self._ping_at = None  # anything from the broker shows it is alive
         if pubs:
             self._on_publishes(pubs)
-        for kind, flags, body in ctrl:
-            self._on_control(kind, flags, body)
+        if over:
+            self._on_oversized(over)
+        try:
+            for kind, flags, body in ctrl:
+                self._on_control(kind, flags, body)
+        except wire.ProtocolError as e:
+            raise _Malformed(f"malformed packet: {e}") from None
+
+    def _on_oversized(self, over: list[wire.Oversized]) -> None:
+        """PUBLISH packets over max_packet_size, read past without being assembled: a dead letter each, and
+        the PUBACK once it is in Kafka. Left unacknowledged they would fill the broker's window, and come
+        again after every reconnect."""
+        limit = self.cfg.max_packet_size
+        self.stats.received += len(over)
+        self.stats.oversized += len(over)
+        self._held += len(over)
+        for o in over:
+            topic = o.topic.decode("utf-8", "replace")
+            log.warning(
+                "source %s: MQTT packet of %d bytes on %r exceeds max_packet_size (%d): sent to the "
+                "dead-letter topic",
+                self.cfg.id,
+                o.size,
+                topic[:200],
+                limit,
+            )
+            reason = f"oversized: MQTT packet of {o.size} bytes exceeds max_packet_size {limit}"
+            self._dead_letter(_Ack(o.mid, self._epoch, 1), reason, _head(o.head), topic)
 
     def _on_control(self, kind: int, _flags: int, body: bytes) -> None:
         if kind == wire.SUBACK:
@@ -338,16 +430,22 @@ class MqttSourceRunner:
             raise _Lost(f"the broker disconnected: code 0x{code:02x} {reason or ''}".rstrip())
         else:
             # QoS 2 and the rest cannot come on a QoS 0/1 subscription.
-            raise _Lost(f"unexpected packet type {kind}")
+            raise _Malformed(f"malformed packet: unexpected packet type {kind}")
 
     def _target(self, topic: bytes) -> _Target:
-        name = topic.decode("utf-8", "replace")
-        route = next((r for f, r in self.routes if topic_matches(f, name)), None)
-        ids = route.match(name) if route else None
-        if route is None or ids is None:
-            t = _Target(name, None, None, f"topic {name!r} does not fit any template")
+        try:
+            name = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            # Ill-formed UTF-8 makes the packet malformed (MQTT 3.1.1 1.5.3, 5.0 1.5.4): see _general.
+            t = _Target(topic.decode("utf-8", "replace"), None, None, "PUBLISH topic is not valid UTF-8")
+            t.malformed = True
         else:
-            t = _Target(name, route, ids)
+            route = next((r for f, r in self.routes if topic_matches(f, name)), None)
+            ids = route.match(name) if route else None
+            if route is None or ids is None:
+                t = _Target(name, None, None, f"topic {name!r} does not fit any template")
+            else:
+                t = _Target(name, route, ids)
         if len(self._targets) >= TOPIC_CACHE:
             self._targets.clear()
         self._targets[topic] = t
@@ -400,6 +498,13 @@ class MqttSourceRunner:
     def _general(self, t: _Target, payload: bytes, mid: int, received: int, now: float) -> bool:
         """Unroutable topics and objects of points: a message may become readings and dead letters. Whether
         a reading took ``received`` as its time."""
+        if t.malformed:
+            # Not acknowledged, and the connection is closed at the end of this turn: the protocol's answer to
+            # a malformed packet. The messages read with it are handled as usual.
+            self._held -= 1
+            if not isinstance(self._reconnect, _Malformed):
+                self._reconnect = _Malformed(f"malformed packet: {t.reason}: {t.topic[:200]!r}")
+            return False
         # Starts at 1, held until every part is on its way, so a delivery report served while a dead letter
         # waits for queue room cannot acknowledge the message early. A message refused whole is one part.
         ack = _Ack(mid, self._epoch, 1)
@@ -421,7 +526,9 @@ class MqttSourceRunner:
             pend = self._pending.get(key)
             if pend is None:
                 pend = self._pending[key] = _Pending(parsed.site, parsed.device, now, self._epoch)
+            first = len(pend.readings)
             pend.readings.extend(parsed.readings)
+            pend.spans.append((first, len(pend.readings), t.topic, _head(payload)))
             pend.parts.append(ack)
             if len(pend.readings) >= self.cfg.batch.max_readings:
                 self._produce(self._pending.pop(key))
@@ -431,9 +538,28 @@ class MqttSourceRunner:
     # -- producing and acknowledging -----------------------------------------------------------------
     def _dead_letter(self, ack: _Ack, reason: str, payload: bytes, topic: str) -> None:
         self.stats.dead_letters += 1
-        self.producer.send_dead_letter(
-            self.cfg.id, reason, payload, topic, lambda err: self._part_done(ack, err)
-        )
+        self._send_dead_letter(reason, payload, topic, lambda err: self._part_done(ack, err))
+
+    def _send_dead_letter(
+        self, reason: str, payload: bytes, topic: str | None, done: Delivered, cut: bool = False
+    ) -> None:
+        """A dead letter that Kafka refuses as too large goes again, once, with the payload cut to its first
+        bytes and the reason to its first 1,000 characters: refused for good, its message would never be
+        acknowledged."""
+
+        def delivered(err: KafkaError | None) -> None:
+            if _too_large(err) and not cut:
+                shorter = f"{reason[:1000]} (payload cut to its first bytes, of {len(payload)})"
+                self._send_dead_letter(shorter, _head(payload), topic, done, cut=True)
+            else:
+                done(err)
+
+        try:
+            self.producer.send_dead_letter(self.cfg.id, reason, payload, topic, delivered)
+            return
+        except Exception as e:
+            err = _refused(e)
+        delivered(err)
 
     def _part_done(self, ack: _Ack, err: KafkaError | None) -> None:
         if err is not None:
@@ -452,21 +578,22 @@ class MqttSourceRunner:
     def _failed(self, err: KafkaError) -> None:
         self.stats.delivery_errors += 1
         log.error("source %s: Kafka delivery failed: %s", self.cfg.id, err)
-        self._reconnect_wanted = "Kafka delivery failed; reconnecting so the broker redelivers"
+        if self._reconnect is None:
+            self._reconnect = _Lost("Kafka delivery failed; reconnecting so the broker redelivers")
 
     def _produce(self, pend: _Pending) -> None:
-        batch: ReadingBatch = {
-            "v": 1,
-            "source": self.cfg.id,
-            "site": pend.site,
-            "device": pend.device,
-            "readings": pend.readings,
-        }
         self.stats.batches += 1
         self.stats.readings += len(pend.readings)
         mids, plain, parts, epoch = pend.mids, pend.plain, pend.parts, pend.epoch
 
         def delivered(err: KafkaError | None) -> None:
+            if _too_large(err):
+                # Sending it again as it is would fail again, after every redelivery: split it.
+                self._split(pend, done)
+            else:
+                done(err)
+
+        def done(err: KafkaError | None) -> None:
             self._held -= len(mids) + plain
             if err is not None:
                 self._failed(err)
@@ -477,7 +604,89 @@ class MqttSourceRunner:
             for a in parts:
                 self._part_done(a, err)
 
-        self.producer.send_batch(batch, delivered)
+        self._send_batch(pend.site, pend.device, pend.readings, delivered)
+
+    def _send_batch(self, site: str, device: str, readings: list[BatchReading], delivered: Delivered) -> None:
+        batch: ReadingBatch = {
+            "v": 1,
+            "source": self.cfg.id,
+            "site": site,
+            "device": device,
+            "readings": readings,
+        }
+        try:
+            self.producer.send_batch(batch, delivered)
+            return
+        except Exception as e:
+            # Refused before it was queued: a delivery report that will not come, so it is given here (the
+            # messages are released from max_inflight either way).
+            err = _refused(e)
+        delivered(err)
+
+    # -- batches too large for Kafka -----------------------------------------------------------------
+    def _split(self, pend: _Pending, done: Delivered) -> None:
+        """Kafka refused the batch as too large: its halves go as batches of their own, cut between
+        messages, and halves of those if need be; a message refused on its own becomes a dead letter.
+        ``done`` once all are through."""
+        units: list[tuple[int, int, str | None, bytes]] = []  # (first, end, topic, payload head) a message
+        i = 0
+        for first, end, topic, head in pend.spans:
+            units.extend((k, k + 1, None, b"") for k in range(i, first))
+            units.append((first, end, topic, head))
+            i = end
+        units.extend((k, k + 1, None, b"") for k in range(i, len(pend.readings)))
+        group = _Group(done)
+        self._halve(pend, units, group)
+        group.part_done(None)
+
+    def _halve(self, pend: _Pending, units: list[tuple[int, int, str | None, bytes]], group: _Group) -> None:
+        if len(units) == 1:
+            self._oversized_for_kafka(pend, units[0], group)
+            return
+        half = len(units) // 2
+        for part in (units[:half], units[half:]):
+            self._send_units(pend, part, group)
+
+    def _send_units(
+        self, pend: _Pending, units: list[tuple[int, int, str | None, bytes]], group: _Group
+    ) -> None:
+        group.remaining += 1
+        self.stats.batches += 1
+
+        def delivered(err: KafkaError | None) -> None:
+            if _too_large(err):
+                self._halve(pend, units, group)  # adds its records to the group before this one leaves it
+                err = None
+            group.part_done(err)
+
+        self._send_batch(pend.site, pend.device, pend.readings[units[0][0] : units[-1][1]], delivered)
+
+    def _oversized_for_kafka(
+        self, pend: _Pending, unit: tuple[int, int, str | None, bytes], group: _Group
+    ) -> None:
+        first, end, topic, head = unit
+        readings = pend.readings[first:end]
+        size = len(codec.dumps(readings))
+        if topic is None:  # a message of one reading, whose topic is not kept: the reading tells what it was
+            what = f"reading {pend.site}/{pend.device}/{readings[0]['point']}"
+            head = _head(codec.dumps(readings[0]))
+        else:
+            what = f"message on {topic!r}"
+        self.stats.oversized_for_kafka += 1
+        self.stats.readings -= end - first
+        self.stats.dead_letters += 1
+        log.warning(
+            "source %s: %s is too large for Kafka (%d readings, %d bytes): sent to the dead-letter topic",
+            self.cfg.id,
+            what[:300],
+            end - first,
+            size,
+        )
+        group.remaining += 1
+        reason = f"oversized for Kafka: {end - first} readings of {size} bytes, refused by Kafka as too large"
+        if topic is None:
+            reason += f" ({what})"
+        self._send_dead_letter(reason, head, topic, group.part_done)
 
     def _flush_all(self) -> None:
         pending, self._pending = self._pending, {}
@@ -510,9 +719,9 @@ class MqttSourceRunner:
         # While messages are held, delivery reports and due batches are looked at every 2 ms (the producer
         # lingers 5 ms); an idle connection wakes 10 times a second to notice a stop.
         timeout = 0.002 if self._held else 0.1
-        if self._unread:
-            self._unread = False
-            self._feed(b"")
+        if self._early:
+            data, self._early = self._early, b""
+            self._feed(data)
         reading = self._held < self.cfg.max_inflight
         if reading:
             if self._poller.poll(int(timeout * 1000 + 0.999)):
@@ -532,9 +741,9 @@ class MqttSourceRunner:
             self._ping_at = now  # the answer waits unread behind the messages: not the broker's fault
         elif now - self._ping_at > self._keepalive:
             raise _Lost(f"no answer to PINGREQ in {self._keepalive} s")
-        if self._reconnect_wanted:
-            reason, self._reconnect_wanted = self._reconnect_wanted, ""
-            raise _Lost(reason)
+        if self._reconnect is not None:
+            lost, self._reconnect = self._reconnect, None
+            raise lost
 
     def _ping(self) -> None:
         self._send(wire.PINGREQ_PACKET)
@@ -571,16 +780,21 @@ class MqttSourceRunner:
                         )
                         self._wait(delay, stop)
                         continue
+                malformed = False
                 try:
                     self._turn()
                     continue
                 except _Lost as e:
                     self._close(str(e))
+                    if malformed := isinstance(e, _Malformed):
+                        self.stats.malformed += 1
                 except Exception as e:
                     # A bug must not end the source quietly: what was not acknowledged comes again.
                     log.exception("source %s: unexpected error", self.cfg.id)
                     self._close(f"unexpected error: {e!r}")
-                if time.monotonic() - self._up_since >= STABLE_S:
+                # After a malformed packet always with a backoff: a broker that sends it again after every
+                # reconnect is not redialled in a loop.
+                if not malformed and time.monotonic() - self._up_since >= STABLE_S:
                     backoff = None  # a connection that lasted: reconnect at once
                 else:
                     backoff = backoff or delays(1.0, 30.0)
@@ -629,16 +843,15 @@ class MqttSourceRunner:
         left unacknowledged; the broker sends them again to the next connection."""
         assert self._sock is not None
         self._ping()
-        buf = self._rest
+        data, self._early = self._early, b""
         while self._pings > 0:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("source %s: no PINGRESP from the broker before disconnecting", self.cfg.id)
                 return
-            if self._poller.poll(int(left * 1000) + 1):
-                buf += self._recv()
-                _pubs, ctrl, used = wire.split(buf, self.version)
-                buf = buf[used:]
+            if data or self._poller.poll(int(left * 1000) + 1):
+                _pubs, ctrl, _over = self._reader.feed(data or self._recv())
+                data = b""
                 for kind, _flags, _body in ctrl:
                     if kind == wire.PINGRESP:
                         self._pings -= 1

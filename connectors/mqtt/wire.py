@@ -4,7 +4,9 @@ Only what a QoS 0/1 subscriber needs: CONNECT, SUBSCRIBE, PUBACK, PINGREQ and DI
 PUBLISH, SUBACK, PINGRESP and DISCONNECT in. Pure functions over bytes, no sockets: unit-tested on their own.
 
 The receive path is the connector's hot loop, so :func:`split` decodes a whole buffer of packets in one call
-and hands PUBLISH packets back as plain tuples.
+and hands PUBLISH packets back as plain tuples. :class:`Reader` feeds it the reads of one connection and
+bounds what a packet can cost: it never holds more than the maximum packet size of an incomplete packet, and
+a PUBLISH over that size is dropped as it streams in, but for what is needed to acknowledge and report it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = 
 
 V311, V5 = 4, 5  # protocol levels
 
+# The largest packet MQTT can frame: 1 byte of type and flags, 4 of remaining length, 268,435,455 of body.
+MAX_PACKET_SIZE = 1 + 4 + 268_435_455
+# The smallest limit a Reader takes: any packet whose remaining length fits one byte is below it, so the
+# hot path of split() never compares sizes.
+MIN_PACKET_SIZE = 1024
+# Payload bytes kept of a PUBLISH over the limit (for the dead letter), and the longest MQTT 5 properties
+# read through to reach them.
+OVERSIZED_HEAD = 256
+_OVERSIZED_PROPERTIES = 4096
+
 PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"  # 3.1.1, and 5.0 with reason "normal disconnection"
 
@@ -27,6 +39,7 @@ _SERVER_KEEP_ALIVE = 0x13
 _REASON_STRING = 0x1F
 _ASSIGNED_CLIENT_ID = 0x12
 _TOPIC_ALIAS = 0x23
+_MAXIMUM_PACKET_SIZE = 0x27
 
 # Property identifier -> size of its value; -1 for variable byte integer, -2 for 2-byte-length data, -3 for
 # a string pair (user property). MQTT 5.0, 2.2.2.2.
@@ -53,7 +66,7 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+def _read_varint(buf: bytes | bytearray, i: int) -> tuple[int, int]:
     """(value, index after it); raises IndexError when the buffer ends inside it."""
     value, shift = 0, 0
     while True:
@@ -88,10 +101,11 @@ def connect(
     password: str | None = None,
     receive_maximum: int | None = None,
     session_expiry: int = 0xFFFFFFFF,
+    maximum_packet_size: int | None = None,
 ) -> bytes:
     """CONNECT. Version 5: the session outlives the connection for ``session_expiry`` seconds (0xFFFFFFFF:
-    for ever, as a 3.1.1 persistent session) and the server sends at most ``receive_maximum`` unacknowledged
-    QoS 1 messages at once."""
+    for ever, as a 3.1.1 persistent session), the server sends at most ``receive_maximum`` unacknowledged
+    QoS 1 messages at once and no packet larger than ``maximum_packet_size`` bytes."""
     flags = 0x02 if clean else 0
     payload = _str(client_id)
     if username is not None:
@@ -106,6 +120,9 @@ def connect(
         props += bytes([_SESSION_EXPIRY]) + struct.pack("!I", session_expiry)
         if receive_maximum is not None:
             props += bytes([_RECEIVE_MAXIMUM]) + struct.pack("!H", max(1, min(65535, receive_maximum)))
+        if maximum_packet_size is not None:
+            size = max(1, min(MAX_PACKET_SIZE, maximum_packet_size))
+            props += bytes([_MAXIMUM_PACKET_SIZE]) + struct.pack("!I", size)
         var += varint(len(props)) + props
     return _packet(CONNECT << 4, var + payload)
 
@@ -260,24 +277,28 @@ Publish = tuple[bytes, bytes, int, int]  # (topic, payload, packet identifier or
 Control = tuple[int, int, bytes]  # (packet type, flags, body)
 
 
-def first_packet(buf: bytes) -> tuple[Control, int] | None:
-    """The first complete packet in ``buf`` and the bytes it took, or None while it is incomplete."""
+def first_packet(buf: bytes, limit: int = MAX_PACKET_SIZE) -> tuple[Control, int] | None:
+    """The first complete packet in ``buf`` and the bytes it took, or None while it is incomplete. A packet
+    larger than ``limit`` bytes is an error as soon as its fixed header is in: it would not be waited for."""
     if len(buf) < 2:
         return None
     try:
         length, j = _read_varint(buf, 1)
     except IndexError:
         return None
+    if j + length > limit:
+        raise ProtocolError(f"packet type {buf[0] >> 4} of {j + length} bytes exceeds the maximum of {limit}")
     if j + length > len(buf):
         return None
     return (buf[0] >> 4, buf[0] & 0x0F, buf[j : j + length]), j + length
 
 
-def split(buf: bytes, version: int) -> tuple[list[Publish], list[Control], int]:
+def split(buf: bytes, version: int, limit: int = MAX_PACKET_SIZE) -> tuple[list[Publish], list[Control], int]:
     """Every complete packet in ``buf``: (PUBLISH packets in order, other packets in order, bytes used).
 
     The bytes after the last complete packet belong to the next read. Topics stay bytes: the caller keys a
-    cache by them and decodes only what it has not seen.
+    cache by them and decodes only what it has not seen. Splitting also stops at the first packet larger
+    than ``limit`` bytes (at least 130), complete or not: :class:`Reader` decides what becomes of it.
     """
     pubs: list[Publish] = []
     ctrl: list[Control] = []
@@ -293,6 +314,8 @@ def split(buf: bytes, version: int) -> tuple[list[Publish], list[Control], int]:
             try:
                 length, j = _read_varint(buf, i + 1)
             except IndexError:
+                break
+            if j - i + length > limit:
                 break
         end = j + length
         if end > n:
@@ -318,3 +341,169 @@ def split(buf: bytes, version: int) -> tuple[list[Publish], list[Control], int]:
             ctrl.append((first >> 4, first & 0x0F, buf[j:end]))
         i = end
     return pubs, ctrl, i
+
+
+def _header(buf: bytes, i: int) -> tuple[int, int, int] | None:
+    """(first byte, remaining length, index of the body) of the packet at ``i``; None while incomplete."""
+    if len(buf) < i + 2:
+        return None
+    try:
+        length, j = _read_varint(buf, i + 1)
+    except IndexError:
+        return None
+    return buf[i], length, j
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A PUBLISH larger than the reader's limit, read past: what it takes to acknowledge and report it."""
+
+    topic: bytes
+    head: bytes  # its first OVERSIZED_HEAD payload bytes (none after MQTT 5 properties too long to keep)
+    mid: int  # packet identifier, 0 for QoS 0
+    qos: int
+    size: int  # bytes of the whole packet
+
+
+class Reader:
+    """The packets of one connection, fed read by read.
+
+    At most ``max_packet_size`` bytes of an incomplete packet are held, and only once its fixed header has
+    shown that it is no larger. A PUBLISH that is larger is never assembled: its bytes are dropped as they
+    come in, all but its topic, packet identifier and first payload bytes, and it comes out as
+    :class:`Oversized` once its last byte has passed (MQTT 3.1.1 has no way to tell the broker the limit,
+    and a broker that ignores MQTT 5's Maximum Packet Size must not make the client hoard memory either).
+    Any other packet over the limit, or malformed framing, is a :class:`ProtocolError`.
+    """
+
+    def __init__(self, version: int, max_packet_size: int = MAX_PACKET_SIZE) -> None:
+        if not MIN_PACKET_SIZE <= max_packet_size <= MAX_PACKET_SIZE:
+            raise ValueError(f"max_packet_size must be {MIN_PACKET_SIZE} to {MAX_PACKET_SIZE} bytes")
+        self.version = version
+        self.max_packet_size = max_packet_size
+        self._parts: list[bytes] = []  # the incomplete packet's bytes so far
+        self._have = 0
+        self._need = 0  # its size; one more than _have while its fixed header is incomplete
+        self._skip = 0  # body bytes of the oversized PUBLISH still to come
+        self._first = 0  # its first byte, size and remaining length
+        self._size = 0
+        self._length = 0
+        self._head = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: of an incomplete packet, or the kept head of an oversized one."""
+        return self._have + len(self._head)
+
+    def feed(self, data: bytes) -> tuple[list[Publish], list[Control], list[Oversized]]:
+        """The packets ``data`` completes: (PUBLISH packets, other packets, oversized PUBLISH packets)."""
+        pubs: list[Publish] = []
+        ctrl: list[Control] = []
+        over: list[Oversized] = []
+        while data:
+            if self._skip:
+                data = self._drop(data, over)
+                continue
+            if self._parts:
+                self._parts.append(data)
+                self._have += len(data)
+                if self._have < self._need:
+                    break
+                data = b"".join(self._parts)
+                self._parts = []
+                self._have = 0
+            p, c, used = split(data, self.version, self.max_packet_size)
+            if p:
+                pubs = pubs + p if pubs else p
+            if c:
+                ctrl = ctrl + c if ctrl else c
+            data = self._after(data, used) if used < len(data) else b""
+        return pubs, ctrl, over
+
+    def _after(self, data: bytes, used: int) -> bytes:
+        """What split() left at ``used``: an incomplete packet to keep, or an oversized one whose body
+        (from ``data``) is returned to be dropped."""
+        header = _header(data, used)
+        if header is None:
+            self._parts = [data[used:]]
+            self._have = len(data) - used
+            self._need = self._have + 1
+            return b""
+        first, length, j = header
+        size = j - used + length
+        if size <= self.max_packet_size:
+            self._parts = [data[used:]]
+            self._have = len(data) - used
+            self._need = size
+            return b""
+        if first >> 4 != PUBLISH:
+            raise ProtocolError(
+                f"packet type {first >> 4} of {size} bytes exceeds the maximum packet size of "
+                f"{self.max_packet_size}"
+            )
+        if (first >> 1) & 3 == 3:
+            raise ProtocolError("PUBLISH with QoS 3")
+        self._first, self._size, self._length, self._skip = first, size, length, length
+        self._head = bytearray()
+        return data[j:]
+
+    def _head_wanted(self) -> int:
+        """How much of the oversized PUBLISH's body to keep, judging by what is kept so far: topic, packet
+        identifier, MQTT 5 properties when short, then OVERSIZED_HEAD bytes of payload."""
+        h = self._head
+        if len(h) < 2:
+            return min(2, self._length)
+        p = 2 + ((h[0] << 8) | h[1]) + (2 if self._first & 0x06 else 0)
+        if self.version != V5:
+            return min(p + OVERSIZED_HEAD, self._length)
+        if len(h) <= p:
+            return min(p + 1, self._length)
+        try:
+            n, q = _read_varint(h, p)
+        except IndexError:
+            return min(len(h) + 1, self._length)
+        except ProtocolError:
+            return len(h)  # reported by _oversized()
+        return min(q + n + OVERSIZED_HEAD if n <= _OVERSIZED_PROPERTIES else q, self._length)
+
+    def _drop(self, data: bytes, over: list[Oversized]) -> bytes:
+        """Consume the oversized PUBLISH's bytes in ``data``, keeping its head; the bytes after it."""
+        i, n = 0, len(data)
+        while i < n and (want := self._head_wanted()) > len(self._head):
+            take = min(want - len(self._head), n - i)
+            self._head += data[i : i + take]
+            i += take
+            self._skip -= take
+        drop = min(self._skip, n - i)
+        i += drop
+        self._skip -= drop
+        if self._skip:
+            return b""
+        over.append(self._oversized())
+        self._head = bytearray()
+        return data[i:]
+
+    def _oversized(self) -> Oversized:
+        h = bytes(self._head)
+        qos = (self._first >> 1) & 3
+        if len(h) < 2:
+            raise ProtocolError("PUBLISH shorter than its topic length")
+        t_end = 2 + ((h[0] << 8) | h[1])
+        p = t_end + (2 if qos else 0)
+        if p > len(h):
+            raise ProtocolError("PUBLISH shorter than its header")
+        mid = (h[t_end] << 8) | h[t_end + 1] if qos else 0
+        if self.version == V5:
+            try:
+                n, q = _read_varint(h, p)
+            except IndexError:
+                raise ProtocolError("PUBLISH shorter than its header") from None
+            if q + n > self._length:
+                raise ProtocolError("properties run past the end of the packet")
+            if q + n <= len(h):
+                props, p = _properties(h, p)
+                if _TOPIC_ALIAS in props:
+                    raise ProtocolError("PUBLISH with a topic alias")
+            else:
+                p = len(h)  # properties too long to keep: no payload bytes
+        return Oversized(h[2:t_end], h[p : p + OVERSIZED_HEAD], mid, qos, self._size)

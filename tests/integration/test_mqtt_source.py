@@ -403,3 +403,127 @@ def test_sigterm_flushes_and_acknowledges_before_exit(namespace, topo, tmp_path)
     assert in_kafka | left == {float(i) for i in range(20_000)}
     assert not in_kafka & left, "acknowledged messages were redelivered, or delivered ones not acknowledged"
     assert in_kafka and left, "the stop did not come while messages were streaming in"
+
+
+# -- what one message can cost --------------------------------------------------------------------------
+
+
+class RawClient:
+    """A plain socket speaking MQTT 3.1.1: sends what a client library would refuse to."""
+
+    def __init__(self, ns: dict[str, str], name: str) -> None:
+        self.sock = socket.create_connection(broker(ns), timeout=30)
+        self.buf = b""
+        self.sock.sendall(
+            wire.connect(f"it-raw-{name}-{ns['tag']}", keepalive=60, version=wire.V311, clean=True)
+        )
+        kind, _flags, body = self.packet()
+        assert (kind, body[1]) == (wire.CONNACK, 0)
+
+    def packet(self) -> wire.Control:
+        while (first := wire.first_packet(self.buf)) is None:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the broker")
+            self.buf += data
+        got, used = first
+        self.buf = self.buf[used:]
+        return got
+
+    def publish(self, topic: str, payload: bytes, mid: int) -> None:
+        """QoS 1, streamed to the broker in one write, and its PUBACK awaited."""
+        t = topic.encode()
+        body = len(t).to_bytes(2, "big") + t + mid.to_bytes(2, "big") + payload
+        self.sock.sendall(b"\x32" + wire.varint(len(body)) + body)
+        assert self.packet() == (wire.PUBACK, 0, mid.to_bytes(2, "big"))
+
+    def closed_by_broker(self) -> bool:
+        try:
+            self.packet()
+        except (ConnectionError, OSError):
+            return True
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(wire.DISCONNECT_PACKET)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("level", [wire.V311, wire.V5], ids=["mqtt311", "mqtt5"])
+def test_a_3_mb_message_and_malformed_bytes_leave_the_source_running(namespace, topo, level):
+    """A publisher sends 3 MB (over the 1 MiB max_packet_size) to the real Mosquitto, whose own
+    message_size_limit is not set here, then bytes that are not MQTT; messages published afterwards still
+    arrive. MQTT 3.1.1: the connector reads past the 3 MB, dead-letters it and acknowledges it. MQTT 5: the
+    Maximum Packet Size of its CONNECT makes Mosquitto drop the message instead of sending it. Either way
+    nothing is left unacknowledged in the session."""
+    root = namespace["mqtt_root"]
+    big = b'{"value": ' + b"7" * 3_000_000 + b"}"
+    topics = Topics(topo)
+    run = Running(topo, producer(topo), version=level)
+    try:
+        pub = RawClient(namespace, "big")
+        pub.publish(f"{root}/site1/big/frame", big, 1)
+        pub.publish(f"{root}/site1/big/p0", b"0.5", 2)
+        pub.close()
+        bad = RawClient(namespace, "bad")
+        bad.sock.sendall(b"\x30\xff\xff\xff\xff\x01")  # a remaining length of five bytes
+        assert bad.closed_by_broker()
+        bad.close()
+        after = readings(namespace, 50, "after")
+        publish(namespace, after)
+
+        def complete() -> bool:
+            topics.poll()
+            return len(values(topics)) >= 51 and len(topics.dead) >= (level == wire.V311)
+
+        wait_for(complete, 60, "the messages published after the 3 MB one in Kafka")
+        wait_for(lambda: settled(run.runner), 30, "everything acknowledged")
+    finally:
+        run.close()
+    assert values(topics) == sorted([0.5] + [float(i) for i in range(50)])
+    s = run.runner.stats
+    assert (s.reconnects, s.malformed, s.delivery_errors) == (0, 0, 0)
+    if level == wire.V311:
+        (dead,) = topics.dead
+        size = 1 + 4 + 2 + len(f"{root}/site1/big/frame") + 2 + len(big)
+        assert dead["reason"] == f"oversized: MQTT packet of {size} bytes exceeds max_packet_size 1048576"
+        assert (dead["topic"], dead["payload"]) == (f"{root}/site1/big/frame", big[:256].decode())
+        assert (s.oversized, s.received, s.acked) == (1, 52, 52)
+    else:
+        assert topics.dead == []
+        assert (s.oversized, s.received, s.acked) == (0, 51, 51)
+    topics.close()
+    assert redelivered(namespace) == []
+
+
+def test_a_message_too_large_for_kafka_is_dead_lettered_and_acknowledged(namespace, topo):
+    """Under max_packet_size (raised to 8 MiB here) but 150,000 points: its batch would be ~10 MB, more than
+    the producer's message.max.bytes. Dead-lettered, acknowledged, and the source goes on."""
+    cfg = topo.sources[0].model_copy(update={"max_packet_size": 8 << 20, "max_inflight": 1})
+    topo = topo.model_copy(update={"sources": [cfg]})
+    root = namespace["mqtt_root"]
+    payload = codec.dumps({f"p{i}": i for i in range(150_000)})
+    topics = Topics(topo)
+    run = Running(topo, producer(topo))
+    try:
+        publish(namespace, [(f"{root}-obj/huge/data", payload)])
+        wait_for(lambda: run.runner.stats.oversized_for_kafka == 1, 60, "the message refused as too large")
+        publish(namespace, readings(namespace, 20))
+
+        def complete() -> bool:
+            topics.poll()
+            return len(values(topics)) >= 20 and len(topics.dead) >= 1
+
+        wait_for(complete, 60, "the dead letter and the messages published after it in Kafka")
+        wait_for(lambda: settled(run.runner), 30, "everything acknowledged")
+    finally:
+        run.close()
+    (dead,) = topics.dead
+    assert dead["reason"].startswith("oversized for Kafka: 150000 readings of ")
+    assert (dead["topic"], dead["payload"]) == (f"{root}-obj/huge/data", payload[:256].decode())
+    assert values(topics) == [float(i) for i in range(20)]
+    s = run.runner.stats
+    assert (s.received, s.acked, s.reconnects, s.delivery_errors) == (21, 21, 0, 0)
+    topics.close()
+    assert redelivered(namespace) == []

@@ -22,10 +22,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
+from pydantic import ValidationError
 
 from connectors.mqtt import source, wire
 from connectors.mqtt.source import MqttSourceRunner
+from pipeline.core import codec
 from pipeline.topology import MqttSource
 
 MODE_REASON = "value must be a finite number or boolean, got str: 'auto'"
@@ -214,7 +216,7 @@ def stop_runner(runner: MqttSourceRunner) -> threading.Thread:
 def start(broker: Broker) -> Iterator[Callable[..., Started]]:
     stops: list[tuple[threading.Event, threading.Thread]] = []
 
-    def go(connected: bool = True, **cfg: Any) -> Started:
+    def go(connected: bool = True, producer: Producer | None = None, **cfg: Any) -> Started:
         conf = {
             "id": "t",
             "type": "mqtt",
@@ -226,7 +228,7 @@ def start(broker: Broker) -> Iterator[Callable[..., Started]]:
             ],
             **cfg,
         }
-        prod = Producer()
+        prod = producer or Producer()
         runner = MqttSourceRunner(MqttSource.model_validate(conf), prod)  # type: ignore[arg-type]
         stop = threading.Event()
         th = threading.Thread(target=runner.run, args=(stop,), daemon=True)
@@ -249,9 +251,9 @@ def test_connect_asks_for_a_persistent_session_and_a_receive_window(start):
     assert c.level == 5
     body = c.connect_body
     assert body[7] & 0x02 == 0  # clean start off
-    # properties: session expiry 0xFFFFFFFF, receive maximum 2500
-    assert body[10:19] == b"\x08\x11\xff\xff\xff\xff\x21" + struct.pack("!H", 2500)
-    assert body[19:] == b"\x00\x06unit-1"
+    # properties: session expiry 0xFFFFFFFF, receive maximum 2500, maximum packet size 1 MiB
+    assert body[10:24] == b"\x0d\x11\xff\xff\xff\xff\x21" + struct.pack("!H", 2500) + b"\x27\x00\x10\x00\x00"
+    assert body[24:] == b"\x00\x06unit-1"
     assert runner.version == wire.V5
 
 
@@ -633,6 +635,7 @@ def test_sample_config_is_valid_and_every_option_is_taken():
     assert (runner._host, runner._port, runner._tls is not None) == ("broker.example.net", 8883, True)
     assert runner.client_id == "plantstream-site-mqtt" and runner.window == 10_000
     assert (cfg.username, cfg.password, cfg.qos) == ("plantstream", "change-me", 1)
+    assert cfg.max_packet_size == 1_048_576
     assert [r.mapping.point for _, r in runner.routes] == [None, None, "energy"]
 
 
@@ -658,3 +661,255 @@ def test_a_backlog_without_timestamps_keeps_one_reading_per_message(start):
         assert len(ts) == 10 and ts == sorted(set(ts))
     for i in range(len(prod.sent)):
         prod.deliver(i)
+
+
+# -- what one message can cost --------------------------------------------------------------------------
+
+
+def packet(topic: bytes, payload: bytes, mid: int, level: int, qos: int = 1) -> bytes:
+    var = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"")
+    body = var + (b"\x00" if level == 5 else b"") + payload
+    return bytes([0x30 | qos << 1]) + wire.varint(len(body)) + body
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_an_oversized_publish_is_read_past_dead_lettered_and_acknowledged(start, broker, monkeypatch, level):
+    """5 MB against the default 1 MiB limit. MQTT 3.1.1 cannot tell the broker the limit, and an MQTT 5
+    broker may ignore it: either way the message is never assembled, its dead letter carries the topic and
+    the first bytes, and the PUBACK follows it into Kafka so the broker's window does not fill up."""
+    peak = [0]
+    feed = wire.Reader.feed
+
+    def watched(reader: wire.Reader, data: bytes) -> Any:
+        out = feed(reader, data)
+        peak[0] = max(peak[0], reader.buffered)
+        return out
+
+    monkeypatch.setattr(wire.Reader, "feed", watched)
+    broker.refuse_v5 = level == 4
+    runner, prod, _ = start()
+    c = broker.conn(1 if level == 4 else 0)
+    payload = b'{"value": ' + b"1" * 5_000_000 + b"}"
+    c.send_raw(packet(b"p/s/d1/frame", payload, 21, level))
+    c.publish("p/s/d1/temp", b"21.5", 22)  # what comes after it is read as usual
+    wait_until(lambda: len(prod.sent) == 2, timeout=10)
+    (kind, dead, _), (batch_kind, batch, _) = prod.sent
+    size = len(packet(b"p/s/d1/frame", payload, 21, level))
+    assert (kind, batch_kind) == ("dlq", "batch")
+    assert dead == {
+        "reason": f"oversized: MQTT packet of {size} bytes exceeds max_packet_size 1048576",
+        "payload": payload[:256],
+        "topic": "p/s/d1/frame",
+    }
+    assert [r["value"] for r in batch["readings"]] == [21.5]
+    assert peak[0] <= 1 << 20  # in fact: the topic, packet identifier and 256 bytes
+    time.sleep(0.2)
+    assert c.pubacks == []  # not before the dead letter is in Kafka
+    prod.deliver(0)
+    wait_until(lambda: c.pubacks == [21])
+    prod.deliver(1)
+    wait_until(lambda: c.pubacks == [21, 22])
+    s = runner.stats
+    assert (s.received, s.oversized, s.dead_letters, s.acked, s.reconnects) == (2, 1, 1, 2, 0)
+    assert runner._held == 0
+
+
+def test_oversized_messages_do_not_fill_the_window(start, broker):
+    """max_inflight 2 and three oversized messages in a row, then a normal one: each is acknowledged once
+    its dead letter is in Kafka, and reading goes on."""
+    broker.refuse_v5 = True
+    runner, prod, _ = start(max_inflight=2, max_packet_size=4096)
+    c = broker.conn(1)
+    for mid in (1, 2, 3):
+        c.send_raw(packet(b"p/s/d1/x", b"x" * 10_000, mid, 4))
+    c.publish("p/s/d1/y", b"1", 4)
+    for i in range(1, 5):
+        wait_until(lambda: len(prod.sent) >= i)  # noqa: B023 (called within this iteration)
+        prod.deliver(i - 1)
+    wait_until(lambda: sorted(c.pubacks) == [1, 2, 3, 4])
+    assert runner.stats.oversized == 3 and runner._held == 0
+
+
+def publish_body(topic: bytes, mid: int, props: bytes, payload: bytes) -> bytes:
+    body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + props + payload
+    return b"\x32" + wire.varint(len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"\x30\xff\xff\xff\xff\x01", id="remaining length of five bytes"),
+        pytest.param(publish_body(b"p/s/\xff\xfe/t", 5, b"\x00", b"1"), id="topic not UTF-8"),
+        pytest.param(publish_body(b"p/s/d1/t", 5, b"\x05\x02\x00", b""), id="truncated properties"),
+        pytest.param(b"\x32\x03\x00\x09p", id="PUBLISH shorter than its topic"),
+        pytest.param(b"\x00\x00", id="reserved packet type 0"),
+        pytest.param(b"\xf0\x00", id="AUTH"),
+        pytest.param(b"\x90" + wire.varint(2 << 20), id="SUBACK over max_packet_size"),
+    ],
+)
+def test_a_malformed_packet_closes_the_connection_and_reconnects_with_backoff(
+    start, monkeypatch, caplog, raw
+):
+    # Even a connection that lasted is not made again at once after a malformed packet.
+    monkeypatch.setattr(source, "STABLE_S", 0.0)
+    caplog.set_level(logging.WARNING, "plantstream.mqtt")
+    runner, prod, broker = start()
+    c = broker.conn()
+    c.publish("p/s/d1/a", b"1", 1)
+    wait_until(lambda: prod.sent)
+    c.send_raw(raw)
+    assert c.closed.wait(5)
+    closed = time.monotonic()
+    c2 = broker.conn(1)
+    assert time.monotonic() - closed >= 0.4  # the first backoff is 0.5-1 s
+    assert "malformed packet" in caplog.text
+    assert runner.stats.malformed == 1 and runner.stats.reconnects == 1
+    prod.deliver(0)
+    wait_until(lambda: runner.wait_connected(0))
+    c2.publish("p/s/d1/a", b"2", 1)
+    wait_until(lambda: len(prod.sent) == 2)
+    prod.deliver(1)
+    wait_until(lambda: c2.pubacks == [1])
+    assert c.pubacks == [] and runner._held == 0
+    assert [k for k, _, _ in prod.sent] == ["batch", "batch"]  # no dead letter of a malformed packet
+
+
+class Limited(Producer):
+    """A producer whose message.max.bytes is ``limit``: a larger record is refused when produced, as
+    librdkafka does. ``fail``: the next batch is refused with that exception instead."""
+
+    def __init__(self, limit: int = 1 << 30) -> None:
+        super().__init__()
+        self.limit = limit
+        self.fail: Exception | None = None
+
+    def send_batch(self, batch: Any, on_delivery: Callable[[KafkaError | None], None]) -> None:
+        if self.fail is not None:
+            e, self.fail = self.fail, None
+            raise e
+        if len(codec.dumps(batch)) > self.limit:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        super().send_batch(batch, on_delivery)
+
+    def send_dead_letter(
+        self, source: str, reason: str, payload: bytes, topic: str | None, on_delivery: Any
+    ) -> None:
+        if len(payload) + len(reason) > self.limit:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        super().send_dead_letter(source, reason, payload, topic, on_delivery)
+
+
+def test_a_message_too_large_for_kafka_is_dead_lettered_and_acknowledged(start):
+    prod = Limited(20_000)
+    runner, _, broker = start(producer=prod, max_inflight=1)
+    c = broker.conn()
+    payload = json.dumps({f"p{i}": i for i in range(2000)}).encode()  # 2000 readings: ~100 kB of batch
+    c.publish("o/hp1/data", payload, 1)
+    wait_until(lambda: prod.sent)
+    kind, dead, _ = prod.sent[0]
+    assert kind == "dlq" and dead["topic"] == "o/hp1/data" and dead["payload"] == payload[:256]
+    assert dead["reason"].startswith("oversized for Kafka: 2000 readings of ")
+    prod.deliver(0)
+    wait_until(lambda: c.pubacks == [1])
+    c.publish("p/s/d1/t", b"5", 2)  # max_inflight 1: the slot is free again
+    wait_until(lambda: len(prod.sent) == 2)
+    prod.deliver(1)
+    wait_until(lambda: c.pubacks == [1, 2])
+    s = runner.stats
+    assert (s.oversized_for_kafka, s.delivery_errors, s.reconnects, runner._held) == (1, 0, 0, 0)
+
+
+def test_a_batch_too_large_for_kafka_is_split_between_messages(start):
+    prod = Limited(3000)
+    runner, _, broker = start(producer=prod)
+    c = broker.conn()
+    for mid in range(1, 21):
+        c.publish(f"p/s/d1/x{mid}", json.dumps({"value": mid, "unit": "u" * 400}).encode(), mid)
+        if mid == 10:  # a message of three readings, which stays in one batch
+            c.publish("o/d1/data", json.dumps({"a": 1, "b": 2, "c": 3}).encode(), 100)
+    wait_until(lambda: sum(len(b["readings"]) for _, b, _ in prod.sent) == 23)
+    assert all(k == "batch" for k, _, _ in prod.sent) and len(prod.sent) >= 4  # ~9 kB in 3 kB records
+    objs = [[r["point"] for r in b["readings"] if r["point"] in "abc"] for _, b, _ in prod.sent]
+    assert ["a", "b", "c"] in objs
+    values = sorted(r["value"] for _, b, _ in prod.sent for r in b["readings"] if r["point"][0] == "x")
+    assert values == [float(i) for i in range(1, 21)]
+    for i in range(len(prod.sent) - 1):
+        prod.deliver(i)
+    time.sleep(0.2)
+    assert c.pubacks == []  # the messages wait for every part of their batch
+    prod.deliver(len(prod.sent) - 1)
+    wait_until(lambda: sorted(c.pubacks) == [*range(1, 21), 100])
+    assert runner.stats.oversized_for_kafka == 0 and runner._held == 0
+
+
+def test_a_batch_the_kafka_broker_refuses_as_too_large_is_sent_again_in_parts(start):
+    """The broker's own limit (its message.max.bytes) shows in the delivery report, not when producing."""
+    too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+    runner, prod, broker = start()
+    c = broker.conn()
+    for mid in range(1, 5):
+        c.publish(f"p/s/d1/p{mid}", str(mid).encode(), mid)
+    wait_until(lambda: prod.sent)
+    prod.deliver(0, too_large)
+    wait_until(lambda: len(prod.sent) == 3)
+    assert [[r["point"] for r in b["readings"]] for _, b, _ in prod.sent[1:]] == [["p1", "p2"], ["p3", "p4"]]
+    prod.deliver(1)
+    prod.deliver(2, too_large)
+    wait_until(lambda: len(prod.sent) == 5)
+    prod.deliver(3)
+    prod.deliver(4, too_large)
+    wait_until(lambda: len(prod.sent) == 6)
+    kind, dead, _ = prod.sent[5]
+    assert kind == "dlq" and dead["topic"] is None
+    assert dead["reason"].startswith("oversized for Kafka: 1 readings of ")
+    assert dead["reason"].endswith("(reading s/d1/p4)")
+    assert json.loads(dead["payload"])["value"] == 4.0
+    time.sleep(0.2)
+    assert c.pubacks == []
+    prod.deliver(5)
+    wait_until(lambda: sorted(c.pubacks) == [1, 2, 3, 4])
+    s = runner.stats
+    assert (s.oversized_for_kafka, s.delivery_errors, s.reconnects, runner._held) == (1, 0, 0, 0)
+
+
+def test_a_dead_letter_too_large_for_kafka_goes_with_its_payload_cut(start):
+    prod = Limited(50_000)
+    _, _, broker = start(producer=prod)
+    c = broker.conn()
+    c.publish("p/s/d1/t", "é".encode() + b"x" * 100_000, 1)  # neither a number nor JSON
+    wait_until(lambda: prod.sent)
+    kind, dead, _ = prod.sent[0]
+    assert kind == "dlq" and dead["payload"] == "é".encode() + b"x" * 254
+    assert dead["reason"].endswith("(payload cut to its first bytes, of 100002)")
+    prod.deliver(0)
+    wait_until(lambda: c.pubacks == [1])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [KafkaException(KafkaError(KafkaError._INVALID_ARG)), RuntimeError("producer bug")],
+    ids=["KafkaException", "RuntimeError"],
+)
+def test_a_record_refused_when_produced_releases_its_messages(start, error):
+    """Not acknowledged, a new connection for the broker to send it again, and its max_inflight slot free."""
+    prod = Limited()
+    prod.fail = error
+    runner, _, broker = start(producer=prod, max_inflight=1)
+    c = broker.conn()
+    c.publish("p/s/d1/t", b"1", 1)
+    c2 = broker.conn(1)
+    assert runner._held == 0 and runner.stats.delivery_errors == 1
+    wait_until(lambda: runner.wait_connected(0))
+    c2.publish("p/s/d1/t", b"1", 1)
+    wait_until(lambda: prod.sent)
+    prod.deliver(0)
+    wait_until(lambda: c2.pubacks == [1])
+    assert c.pubacks == []
+
+
+def test_max_packet_size_is_validated():
+    conf = {"id": "t", "type": "mqtt", "topics": [{"filter": "a/+", "template": "a/{device}", "site": "s"}]}
+    assert MqttSource.model_validate(conf).max_packet_size == 1 << 20
+    with pytest.raises(ValidationError) as e:
+        MqttSource.model_validate({**conf, "max_packet_size": 100})
+    assert "max_packet_size must be between 1024 and 268435460 bytes" in str(e.value)

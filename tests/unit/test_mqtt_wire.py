@@ -137,3 +137,142 @@ def test_connack_refusals_in_words():
     ack = wire.parse_connack(b"\x00\x86" + wire.varint(len(props)) + props, wire.V5)
     assert ack.describe() == "code 0x86 (bad user name or password): nope"
     assert not ack.unsupported_version
+
+
+# -- the reader: what one packet can cost ---------------------------------------------------------------
+
+LIMIT = 64 * 1024
+
+
+def feed_all(reader: wire.Reader, stream: bytes, chunk: int) -> tuple[list, list, list, int]:
+    """Feed ``stream`` in ``chunk``-byte reads; (publishes, control packets, oversized, peak buffered)."""
+    pubs: list[wire.Publish] = []
+    ctrl: list[wire.Control] = []
+    over: list[wire.Oversized] = []
+    peak = 0
+    for i in range(0, len(stream), chunk):
+        p, c, o = reader.feed(stream[i : i + chunk])
+        pubs += p
+        ctrl += c
+        over += o
+        peak = max(peak, reader.buffered)
+    return pubs, ctrl, over, peak
+
+
+def test_reader_gives_every_packet_whatever_the_reads():
+    exact = publish(b"t/4", b"z" * (LIMIT - 11), 10, 1)
+    one_over = publish(b"t/3", b"y" * (LIMIT - 10), 9, 1)
+    assert (len(exact), len(one_over)) == (LIMIT, LIMIT + 1)
+    stream = (
+        publish(b"t/1", b"10", 7, 1) + b"\xd0\x00" + publish(b"t/2", b"x" * 20_000, 8, 1) + one_over + exact
+    )
+    for chunk in (1, 7, 1000, 65_536, len(stream)):
+        pubs, ctrl, over, peak = feed_all(wire.Reader(wire.V311, LIMIT), stream, chunk)
+        assert [(t, m) for t, _, m, _ in pubs] == [(b"t/1", 7), (b"t/2", 8), (b"t/4", 10)], chunk
+        assert ctrl == [(wire.PINGRESP, 0, b"")]
+        assert over == [wire.Oversized(b"t/3", b"y" * wire.OVERSIZED_HEAD, 9, 1, LIMIT + 1)]
+        assert peak <= LIMIT
+
+
+def test_an_oversized_publish_is_dropped_as_it_streams_in():
+    """5 MB of payload in 64 KiB reads against a 1 MiB limit: nothing of it is held but its topic, packet
+    identifier and first payload bytes, and what follows it is read as usual."""
+    limit = 1 << 20
+    big = publish(b"plant/s1/cam/frame", bytes(range(256)) * 20_480, 4242, 1)  # 5 MiB of payload
+    stream = big + publish(b"plant/s1/d1/t", b"21.5", 4243, 1) + b"\xd0\x00"
+    reader = wire.Reader(wire.V311, limit)
+    pubs, ctrl, over, peak = feed_all(reader, stream, 65_536)
+    assert peak <= 2 + len(b"plant/s1/cam/frame") + 2 + wire.OVERSIZED_HEAD
+    assert over == [wire.Oversized(b"plant/s1/cam/frame", bytes(range(256)), 4242, 1, len(big))]
+    assert pubs == [(b"plant/s1/d1/t", b"21.5", 4243, 1)]
+    assert ctrl == [(wire.PINGRESP, 0, b"")]
+    assert reader.buffered == 0
+
+
+def test_the_size_is_judged_from_the_fixed_header_alone():
+    reader = wire.Reader(wire.V311, LIMIT)
+    header = b"\x32" + wire.varint(200_000_000)  # a PUBLISH of 200 MB announced
+    assert reader.feed(header) == ([], [], [])
+    assert reader.buffered == 0  # not waiting to hold it: dropping it
+    body = struct.pack("!H", 1) + b"t" + struct.pack("!H", 5)
+    reader.feed(body + b"p" * 1000)
+    assert reader.buffered == len(body) + wire.OVERSIZED_HEAD
+
+
+def test_an_oversized_mqtt5_publish_keeps_its_payload_head_after_short_properties():
+    props = b"\x03" + struct.pack("!H", 4) + b"text"  # content type
+    stream = publish(b"a/b", b"P" * 100_000, 3, 1, props) + publish(b"a/c", b"1", 4, 1, b"")
+    pubs, _, over, _ = feed_all(wire.Reader(wire.V5, LIMIT), stream, 4096)
+    assert over == [wire.Oversized(b"a/b", b"P" * wire.OVERSIZED_HEAD, 3, 1, len(stream) - 11)]
+    assert pubs == [(b"a/c", b"1", 4, 1)]
+    # properties too long to keep: the message is still reported and acknowledged, without payload bytes
+    long_props = b"\x26" + struct.pack("!H", 5000) + b"k" * 5000 + struct.pack("!H", 1) + b"v"
+    stream = publish(b"a/b", b"P" * 100_000, 5, 1, long_props)
+    _, _, over, peak = feed_all(wire.Reader(wire.V5, LIMIT), stream, 4096)
+    assert [(o.topic, o.mid, o.head) for o in over] == [(b"a/b", 5, b"")]
+    assert peak < 100
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(b"\x30\xff\xff\xff\xff\x01", id="remaining length of five bytes"),
+        pytest.param(publish(b"t", b"1") + b"\x30\x80\x80\x80\x80", id="five-byte length after a packet"),
+        pytest.param(b"\x90" + wire.varint(LIMIT) + b"\x00" * 10, id="oversized SUBACK"),
+        pytest.param(b"\x36" + wire.varint(LIMIT) + b"\x00" * 10, id="oversized PUBLISH with QoS 3"),
+        pytest.param(
+            b"\x32" + wire.varint(LIMIT) + struct.pack("!H", 65535) + b"t" * (LIMIT - 2),
+            id="oversized PUBLISH shorter than its topic",
+        ),
+        pytest.param(b"\x32\x03\x00\x09t", id="PUBLISH shorter than its topic"),
+    ],
+)
+def test_malformed_packets_are_protocol_errors(stream):
+    with pytest.raises(wire.ProtocolError):
+        feed_all(wire.Reader(wire.V311, LIMIT), stream, 3)
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(publish(b"t", b"1", 1, 1, b"\x01"), id="properties past the end"),
+        pytest.param(publish(b"t", b"1", 1, 1, b"\x02\x00\x00"), id="truncated property"),
+        pytest.param(publish(b"t", b"1", 1, 1, b"\x7f\x00"), id="unknown property"),
+        pytest.param(
+            b"\x32" + wire.varint(LIMIT) + b"\x00\x01t\x00\x01" + wire.varint(LIMIT),
+            id="oversized PUBLISH whose properties pass its end",
+        ),
+    ],
+)
+def test_malformed_mqtt5_properties_are_protocol_errors(stream):
+    with pytest.raises(wire.ProtocolError):
+        feed_all(wire.Reader(wire.V5, LIMIT), stream + b"\x00" * LIMIT, 4096)
+
+
+def test_an_incomplete_packet_is_held_only_up_to_its_size():
+    reader = wire.Reader(wire.V311, LIMIT)
+    packet = publish(b"t", b"x" * 50_000, 1, 1)
+    for i in range(0, len(packet) - 1, 1000):
+        assert reader.feed(packet[i : min(i + 1000, len(packet) - 1)]) == ([], [], [])
+    assert reader.buffered == len(packet) - 1
+    assert reader.feed(packet[-1:]) == ([(b"t", b"x" * 50_000, 1, 1)], [], [])
+    assert reader.buffered == 0
+
+
+def test_reader_limits_are_those_mqtt_can_frame():
+    with pytest.raises(ValueError):
+        wire.Reader(wire.V5, 100)
+    with pytest.raises(ValueError):
+        wire.Reader(wire.V5, wire.MAX_PACKET_SIZE + 1)
+
+
+def test_connect_asks_for_a_maximum_packet_size_in_mqtt5_only():
+    v5 = wire.connect("cid", keepalive=30, version=wire.V5, maximum_packet_size=1 << 20)
+    assert v5[12:23] == b"\x0a\x11\xff\xff\xff\xff\x27\x00\x10\x00\x00"
+    v3 = wire.connect("cid", keepalive=30, version=wire.V311, maximum_packet_size=1 << 20)
+    assert v3 == wire.connect("cid", keepalive=30, version=wire.V311)
+
+
+def test_first_packet_refuses_one_over_the_limit_from_its_header():
+    with pytest.raises(wire.ProtocolError):
+        wire.first_packet(b"\x20" + wire.varint(5000), limit=4096)
