@@ -69,6 +69,7 @@ import yaml
 from confluent_kafka import Producer
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -79,6 +80,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench import profile as bench_profile
 from bench import protocols, sinks
 from bench.proc import cpu_seconds, peak_rss_mb
 from connectors.timescale import tenancy
@@ -134,6 +136,27 @@ def workload_size(series: int, readings: int, points_per_device: int) -> tuple[i
     devices = max(1, series // points_per_device)
     scans = readings // (devices * points_per_device)
     return devices, scans, scans * devices * points_per_device
+
+
+def reading_batch(device: str, ts: int, values: dict[str, float], version: int) -> dict[str, Any]:
+    """One device scan as a ReadingBatch: version 2 (columns, one time for the scan) or 1 (a list)."""
+    if version == 2:
+        return {
+            "v": 2,
+            "source": "bench",
+            "site": "site1",
+            "device": device,
+            "ts": ts,
+            "points": list(values),
+            "values": list(values.values()),
+        }
+    return {
+        "v": 1,
+        "source": "bench",
+        "site": "site1",
+        "device": device,
+        "readings": [{"point": k, "ts": ts, "value": v, "quality": "good"} for k, v in values.items()],
+    }
 
 
 def device_name(d: int) -> str:
@@ -449,10 +472,13 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
     app_id = f"bench-{topo['name']}"
     workers = [spawn(["worker", str(f), "--app-id", app_id, "--loglevel", "info"], log) for log in wlogs]
     quix: dict[str, Any] | None = None
+    profile: list[dict[str, Any]] = []
     try:
         # The clock starts with running workers whose group has settled, as in production: start-up and the
         # first rebalances are not throughput.
         generation, held = wait_settled(wlogs, workers, raw, args.partitions)
+        profs = [logs / f"profile-{tag}-{i + 1}.txt" for i in range(args.workers)] if args.profile else []
+        spies = [bench_profile.attach(w.pid, out) for w, out in zip(workers, profs, strict=False)]
         p = Producer(
             {
                 "bootstrap.servers": env["PLANTSTREAM_KAFKA"],
@@ -466,15 +492,7 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         def encode(
             device: str, part: int, ts: int, values: dict[str, float]
         ) -> tuple[int, bytes, bytes, int]:
-            batch = {
-                "v": 1,
-                "source": "bench",
-                "site": "site1",
-                "device": device,
-                "readings": [
-                    {"point": k, "ts": ts, "value": v, "quality": "good"} for k, v in values.items()
-                ],
-            }
+            batch = reading_batch(device, ts, values, args.format)
             return part, f"site1/{device}".encode(), codec.dumps(batch), ts
 
         # Messages are encoded before the clock starts, so producing them costs the shared cores little
@@ -532,6 +550,17 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         final = [assignment(log.read_text(errors="replace"), raw) for log in wlogs]
         rebalanced = any(s is None for s in final) or sum(s[0] for s in final if s) != generation
         stop(workers)  # before the peer runs: idle workers would still take CPU from it
+        for spy in spies:
+            bench_profile.finish(spy)
+        profile = [bench_profile.summary(out) for out in profs]
+        for i, prof in enumerate(profile, 1):
+            console.print(
+                f"  [dim]worker {i} profile ({prof['samples']:,} samples; innermost project frame):[/]"
+            )
+            for where, share in prof["stages"]:
+                console.print(f"  [dim]{share:6.1%}  stage {escape(where)}[/]")
+            for where, share in prof["frames"][:15]:
+                console.print(f"  [dim]{share:6.1%}  {escape(where)}[/]")
         latency = close_to_commit(dsn, schema, window_closes(wlogs), device_parts)
         secs = done - start
         if args.quix:
@@ -547,6 +576,7 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         "workers": args.workers,
         "partitions": args.partitions,
         "points_per_batch": args.points,
+        "batch_version": args.format,
         "grace_ms": grace_ms,
         "readings": n,
         "event_seconds": scans,
@@ -570,6 +600,7 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         "latency_p99_ms": latency["p99_ms"],
         "latency": latency,
         "quix": quix,
+        "profile": profile,
         "quix_readings_per_s": quix.get("readings_per_s") if quix else None,
         "quix_cpu_s_per_million": quix.get("cpu_s_per_million") if quix else None,
         "quix_peak_rss_mb": quix.get("peak_rss_mb") if quix else None,
@@ -745,16 +776,9 @@ def run_live(
                     time.sleep(due - now)
                 ts = int(time.time() * 1000)
                 for d in range(devices):
-                    batch = {
-                        "v": 1,
-                        "source": "bench",
-                        "site": "site1",
-                        "device": device_name(d),
-                        "readings": [
-                            {"point": q, "ts": ts, "value": rng.random() * 100, "quality": "good"}
-                            for q in points
-                        ],
-                    }
+                    batch = reading_batch(
+                        device_name(d), ts, {q: rng.random() * 100 for q in points}, args.format
+                    )
                     p.produce(
                         raw,
                         codec.dumps(batch),
@@ -1057,6 +1081,13 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=50, help="points per device (readings per batch)")
     ap.add_argument("--workers", type=int_list, default=[1, 2], help="comma list (kafka scenario)")
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument(
+        "--format",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="ReadingBatch version the kafka and live scenarios write (2: columns; 1: a list of readings)",
+    )
     ap.add_argument("--api-clients", type=int, default=50, help="stream clients (api scenario)")
     ap.add_argument("--api-rest", type=int, default=8, help="concurrent REST workers (api scenario)")
     ap.add_argument("--grace", default="10s", help="aggregation grace of the kafka scenario")
@@ -1068,6 +1099,11 @@ def main() -> None:
     ap.add_argument("--live-rate", type=float, default=100_000, help="readings/s of the live scenario")
     ap.add_argument("--live-seconds", type=float, default=150, help="duration of the live scenario")
     ap.add_argument("--no-quix", dest="quix", action="store_false", help="skip the Quix Streams peer")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the workers with py-spy (kafka scenario; JSON and logs)",
+    )
     ap.add_argument(
         "--worker-src",
         type=str,

@@ -49,6 +49,9 @@ class Outbox:
             "partitioner": "murmur2_random",
         }
         conf.update(extra or {})
+        # The producer-wide delivery callback: a record produced without its own callback reports here
+        # (and, with delivery.report.only.error, only when it failed).
+        conf["on_delivery"] = self._on_delivery
         self._p = Producer(conf)
         self._error: KafkaError | None = None
         self.produced = 0
@@ -66,7 +69,9 @@ class Outbox:
         partition: int | None = None,
         on_delivery: Delivered | None = None,
     ) -> None:
-        kw: dict[str, Any] = {"on_delivery": on_delivery or self._on_delivery}
+        kw: dict[str, Any] = {}
+        if on_delivery is not None:
+            kw["on_delivery"] = on_delivery
         if ts_ms is not None:
             kw["timestamp"] = ts_ms
         if partition is not None:

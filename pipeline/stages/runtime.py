@@ -86,7 +86,8 @@ class Stage(threading.Thread):
         self.group, self.topic, self.step, self.fatal = group, topic, step, fatal
         self.checkpoint_interval = checkpoint_interval
         self.batch_size, self.batch_wait, self.tick_interval = batch_size, batch_wait, tick_interval
-        self.outbox = Outbox(bootstrap, group)
+        # Stages confirm delivery with flush_sync, never per record: librdkafka reports failures only.
+        self.outbox = Outbox(bootstrap, group, {"delivery.report.only.error": True})
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "group.id": group,
@@ -147,24 +148,28 @@ class Stage(threading.Thread):
             self.fatal(f"stage {self.name} failed", exc)
 
     def _process(self, msgs: list[Message]) -> None:
-        good = []
-        now = time.monotonic()
-        position, last_data = self.position, self.last_data
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
+        good = [m for m in msgs if m.error() is None]
+        if len(good) != len(msgs):
+            for m in msgs:
+                err = m.error()
+                if err is None or err.code() == KafkaError._PARTITION_EOF:
                     continue
                 if err.fatal():
                     raise KafkaException(err)
                 log.warning("%s: consumer error %s", self.name, err)
-                continue
+        if not good:
+            return
+        now = time.monotonic()
+        position, last_data = self.position, self.last_data
+        # Offsets rise within a partition: its last message gives the position (one pass, from the end).
+        seen: set[int] = set()
+        for m in reversed(good):
             p = m.partition()
-            position[p] = m.offset() + 1
-            last_data[p] = now
-            good.append(m)
-        if good:
-            self.step.process(good)
+            if p not in seen:
+                seen.add(p)
+                position[p] = m.offset() + 1
+                last_data[p] = now
+        self.step.process(good)
 
     # -- durability ------------------------------------------------------------------------------------
     def checkpoint(self, partitions: list[int], asynchronous: bool = True) -> None:

@@ -427,3 +427,35 @@ def test_a_new_partition_does_not_queue_readers_behind_a_long_dashboard_query(na
         await w.close()
 
     asyncio.run(go())
+
+
+def test_copy_text_round_trips_what_psycopg_would_send(namespace):
+    # The sink formats COPY text itself; names with tabs, newlines, backslashes and non-ASCII, extreme
+    # doubles and nulls come back exactly as psycopg's own formatting would have stored them.
+    from connectors.timescale.writer import copy_text
+
+    dsn, schema = namespace["PLANTSTREAM_PG_DSN"], namespace["schema"]
+    create_schema(dsn, schema, timescale=False)
+    names = ["a\tb", "new\nline", "back\\slash", "\\N", "ünïcødé °C", "cr\rhere", "nbsp\xa0x"]
+    recs = []
+    for i, name in enumerate(names):
+        a = agg(f"s/d/{name}", T0 + i * 60_000, [5e-324, 1.2345678901234567e300, -0.0, 0.1][i % 4])
+        a["unit"] = name
+        a["stddev"] = None
+        recs.append(Record(0, i, aggregate_row(a)))
+    assert copy_text(recs[:6]) is not None and copy_text(recs) is None  # a no-break space: psycopg's way
+
+    async def go() -> None:
+        w = PostgresWriter(dsn, schema, consumer="t")
+        assert (await w.write("agg_1m", "topic", recs[:6])).written == 6
+        assert (await w.write("agg_1m", "topic", recs[6:])).written == 1
+        await w.close()
+
+    asyncio.run(go())
+    with psycopg.connect(dsn) as conn:
+        got = conn.execute(
+            f'SELECT series, bucket, unit, mean, stddev, count FROM "{schema}".agg_1m ORDER BY bucket'
+        ).fetchall()
+    assert [(s, b, u, m, sd, c) for s, b, u, m, sd, c in got] == [
+        (r.row[1], r.row[0], r.row[14], r.row[9], None, 3) for r in recs
+    ]
