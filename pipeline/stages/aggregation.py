@@ -95,10 +95,9 @@ class Aggregation(Step):
             for key, value in self.engine.checkpoint(p):
                 outbox.produce(self.state_topic, key, value, None, p)
             if latest:
-                for rd in self.engine.take_latest(p):
-                    self._send(
-                        self.topo.latest_topic, f"{rd['site']}/{rd['device']}/{rd['point']}", rd, rd["ts"]
-                    )
+                produce, topic = outbox.produce, self.topo.latest_topic
+                for key, value, ts in self.engine.latest_records(p):
+                    produce(topic, key, value, ts)
 
     # -- the work --------------------------------------------------------------------------------------
     def process(self, msgs: list[Message]) -> None:

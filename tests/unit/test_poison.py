@@ -121,11 +121,35 @@ batch = st.fixed_dictionaries(
 )
 
 
+def _column(items: Any) -> Any:
+    return st.one_of(st.lists(items, min_size=3, max_size=3), anything)  # mostly as long as points
+
+
+batch_v2 = st.fixed_dictionaries(
+    {
+        "v": st.just(2),
+        "site": st.one_of(st.just("s"), anything),
+        "device": st.one_of(st.just("d"), anything),
+        "points": st.one_of(
+            st.lists(st.sampled_from(["pv", "sp", "op", "x"]), min_size=3, max_size=3), anything
+        ),
+        "ts": st.one_of(st.integers(T0, T0 + 600_000), _column(st.integers(T0, T0 + 600_000)), anything),
+        "values": _column(st.one_of(floats, scalars)),
+    },
+    optional={
+        "source": anything,
+        "quality": _column(st.one_of(st.sampled_from(["good", "bad", "uncertain"]), anything)),
+        "units": _column(st.one_of(st.none(), st.text(max_size=3), anything)),
+        "status": _column(anything),
+    },
+)
+
+
 def encode(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
 
-payloads = st.one_of(st.binary(max_size=64), anything.map(encode), batch.map(encode))
+payloads = st.one_of(st.binary(max_size=64), anything.map(encode), batch.map(encode), batch_v2.map(encode))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

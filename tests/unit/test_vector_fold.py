@@ -123,3 +123,32 @@ def test_newest_reading_per_series_across_a_batch():
     assert [r.duplicates for r in res] == [0, 0, 1, 1]
     got = sorted((x["point"], x["ts"], x["value"], x["quality"]) for x in agg.take_latest(0))
     assert got == [("p", T0 + 65_000, 2.0, "uncertain"), ("q", T0 + 1_000, 7.0, "bad")]
+
+
+def test_latest_records_are_the_json_of_take_latest():
+    import orjson
+
+    msgs = [
+        batch(
+            "d", [("p", T0 + 5_000, 1.5, "good"), ("q", T0 + 1_000, -0.0, "bad"), ("r", T0, 1e300, "good")]
+        ),
+        {
+            "v": 1,
+            "source": "t",
+            "site": "s1",
+            "device": "e",
+            "readings": [
+                {"point": 'x"y', "ts": T0, "value": 2.0, "quality": "uncertain", "unit": "°C"},
+                {"point": "z", "ts": T0, "value": 3.0, "quality": "good", "status": {"code": 7}},
+            ],
+        },
+    ]
+    a, b = MinuteAggregator(grace_ms=0), MinuteAggregator(grace_ms=0)
+    for agg in (a, b):
+        for i, m in enumerate(msgs):
+            agg.apply(0, i, m)
+    want = {f"{x['site']}/{x['device']}/{x['point']}": x for x in a.take_latest(0)}
+    got = {k.decode(): (orjson.loads(v), ts) for k, v, ts in b.latest_records(0)}
+    assert {k: v for k, (v, _) in got.items()} == want
+    assert all(ts == want[k]["ts"] for k, (_, ts) in got.items())
+    assert b.latest_records(0) == []
