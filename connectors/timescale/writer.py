@@ -319,7 +319,7 @@ class PostgresWriter:
         if not self._partitioned[table]:
             return
         tcol = COLUMNS[table].index(TIME_COLUMN[table])
-        months = {month_bounds(r.row[tcol])[0] for r in records}
+        months = {month_bounds(t)[0] for t in {r.row[tcol] for r in records}}  # rows share few times
         missing = [m for m in months if (table, m) not in self._partitions_known]
         for m in missing:
             # A partition takes a lock on the table that queues every reader behind it while it waits (a

@@ -56,7 +56,8 @@ class Aggregates(Model):
         "2s",
         validate_default=True,
         description="how often the worker makes its aggregation state durable and acknowledges its input; "
-        "after a crash at most this much input is read again. telemetry.latest is published at this pace",
+        "after a crash at most this much input is read again. telemetry.latest is published at this pace "
+        "(every 15 s while a partition catches up on a backlog)",
     )
 
     max_future: DurationMs = Field(

@@ -36,6 +36,7 @@ log = logging.getLogger("plantstream.worker")
 wlog = logging.getLogger("plantstream.windows")
 
 EVICT_AFTER_S = 600.0  # quiet time, after its windows closed, before a device's series leave the memory
+LATEST_BEHIND_S = 15.0  # telemetry.latest's pace while a partition is catching up on a backlog
 
 
 class Aggregation(Step):
@@ -62,6 +63,7 @@ class Aggregation(Step):
         self.closing: dict[tuple[int, int], int] = {}  # (partition, window end) -> windows closed, to log
         self.now = 0.0
         self.wall_ms = 0
+        self.latest_at: dict[int, float] = {}  # partition -> monotonic time its newest values last went out
 
     # -- state -----------------------------------------------------------------------------------------
     def assigned(self, partitions: list[int]) -> None:
@@ -94,10 +96,21 @@ class Aggregation(Step):
                 continue
             for key, value in self.engine.checkpoint(p):
                 outbox.produce(self.state_topic, key, value, None, p)
-            if latest:
+            if latest and self._latest_due(p):
                 produce, topic = outbox.produce, self.topo.latest_topic
                 for key, value, ts in self.engine.latest_records(p):
                     produce(topic, key, value, ts)
+
+    def _latest_due(self, p: int) -> bool:
+        """Whether this checkpoint publishes the partition's newest values. While the partition is behind
+        (a backlog), they are coalesced over :data:`LATEST_BEHIND_S`: stale either way, and at 100,000
+        series a checkpoint's newest values cost more than its windows. Nothing is dropped: a series keeps
+        its newest reading until it is published."""
+        now = time.monotonic()
+        if now - self.latest_at.get(p, 0.0) < LATEST_BEHIND_S and self.stage.behind(p):
+            return False
+        self.latest_at[p] = now
+        return True
 
     # -- the work --------------------------------------------------------------------------------------
     def process(self, msgs: list[Message]) -> None:

@@ -66,6 +66,7 @@ COUNT, GOOD, MEAN, M2, MIN, MAX, SUM, COMP, FIRST_TS, FIRST, LAST_TS, LAST, SEEN
     16
 )
 OVF_MEAN, OVF_M2, OVF_SUM = 1, 2, 4
+C_OVF, C_PHASE = SEEN_MS, OVF  # in a chunk record's arrays, which leave SEEN_MS out
 _isfinite = math.isfinite
 
 
@@ -363,6 +364,8 @@ class Columns:
     def take_many(self, phases: list[int]) -> list[int]:
         """Slots for new windows, initialised at once."""
         n = len(phases)
+        if not n:
+            return []  # (free[-0:] would be all of it)
         while len(self.free) < n:
             self._grow(self.cap * 2)
         got = self.free[-n:][::-1]
@@ -657,7 +660,7 @@ class MinuteAggregator:
         wm_key = f"{WM_PREFIX}{partition}".encode()
         legacy: tuple[int | None, int | None] = (None, None)  # a partition clock written by older versions
         heads: dict[str, dict[str, Any]] = {}
-        chunks: dict[str, list[tuple[Chunk, list[Any]]]] = {}
+        chunks: dict[str, list[tuple[Chunk, dict[str, Any]]]] = {}
         for key, value in last.items():
             if value is None:
                 continue
@@ -676,7 +679,7 @@ class MinuteAggregator:
             o = rec["o"]
             # Older versions kept one offset, of the partition named by "p".
             chunk.offsets = {int(p): v for p, v in o.items()} if isinstance(o, dict) else {rec["p"]: o}
-            chunks.setdefault(device, []).append((chunk, rec["s"]))
+            chunks.setdefault(device, []).append((chunk, rec))
         for dkey in sorted(set(heads) | set(chunks)):
             head = heads.get(dkey)
             seq = head.get("q", 0) if head is not None else 0
@@ -692,16 +695,11 @@ class MinuteAggregator:
                 dev.chunks.append(chunk)
                 for p, o in chunk.offsets.items():
                     dev.hi[p] = max(dev.hi.get(p, -1), o)
-                for point, latest_ts, unit, windows in rows:
-                    s = Series(f"{dkey}/{point}", chunk, -1)
-                    s.idx = self._row(s)
-                    self.row_part[s.idx] = partition
-                    s.unit = unit
-                    if latest_ts is not None:
-                        self.lat_ts[s.idx] = latest_ts
-                    chunk.series[point] = s
-                    dev.points[point] = s
-                    self.series[s.name] = s
+                if "c" in rows:
+                    self._restore_columns(dev, chunk, rows, partition)
+                    continue
+                for point, latest_ts, unit, windows in rows["s"]:  # a list per window: older versions
+                    s = self._restored_series(dev, chunk, point, latest_ts, unit, partition)
                     for w in windows:
                         st = w[1:]
                         if len(st) < PHASE + 1:
@@ -716,24 +714,85 @@ class MinuteAggregator:
                 ps.retired[dkey] = dev
 
     def _encode(self, chunk: Chunk) -> bytes:
-        slots = [slot for s in chunk.series.values() for slot in s.windows.values()]
-        rows = iter(self.cols.rows(slots))
-        lat = self.lat_ts
-        return orjson.dumps(
-            {
-                "o": {str(p): o for p, o in chunk.offsets.items()},
-                "s": [
-                    [
-                        point,
-                        None if lat[s.idx] == NO_TS_HI else int(lat[s.idx]),
-                        s.unit,
-                        [[ws, *next(rows)] for ws in s.windows],
-                    ]
-                    for point, s in chunk.series.items()
-                ],
-            },
-            default=sorted,  # the set of sub-second offsets seen
-        )
+        """A chunk's record: its series (points, newest times, units, window starts) and its windows'
+        statistics as one array per statistic (``c``, in the order COUNT ... PHASE without SEEN_MS; the
+        sub-second sets apart in ``ms``): a few numpy gathers, not a list per window."""
+        series = list(chunk.series.values())
+        wss = [ws for x in series for ws in x.windows]
+        slots = np.fromiter((sl for x in series for sl in x.windows.values()), I64, len(wss))
+        cols = self.cols
+        lat = self.lat_ts[np.fromiter((x.idx for x in series), I64, len(series))].tolist()
+        good = cols.good[slots] > 0
+        arrays = [
+            cols.count[slots],
+            cols.good[slots],
+            cols.mean[slots],
+            cols.m2[slots],
+            np.where(good, cols.min[slots], 0.0),  # ±inf stand for "none" in memory; JSON has no inf
+            np.where(good, cols.max[slots], 0.0),
+            cols.sum[slots],
+            cols.comp[slots],
+            np.where(good, cols.first_ts[slots], 0),
+            cols.first[slots],
+            np.where(good, cols.last_ts[slots], 0),
+            cols.last[slots],
+            cols.seen[slots],
+            cols.ovf[slots],
+            cols.phase[slots],
+        ]
+        rec: dict[str, Any] = {
+            "o": {str(p): o for p, o in chunk.offsets.items()},
+            "p": list(chunk.series),
+            "l": [None if t == NO_TS_HI else t for t in lat],
+            "u": [x.unit for x in series],
+            "n": [len(x.windows) for x in series],
+            "ws": wss,
+            "c": arrays,
+        }
+        if cols.seen_ms:
+            ms = cols.seen_ms
+            rec["ms"] = {str(k): sorted(ms[sl]) for k, sl in enumerate(slots.tolist()) if sl in ms}
+        return orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _restore_columns(self, dev: Device, chunk: Chunk, rec: dict[str, Any], partition: int) -> None:
+        """A chunk written by :meth:`_encode`."""
+        wss: list[int] = rec["ws"]
+        cols = self.cols
+        slots = cols.take_many([0] * len(wss))
+        ix = np.asarray(slots, I64)
+        c = rec["c"]
+        good = np.asarray(c[GOOD], I64) > 0
+        cols.count[ix], cols.good[ix] = c[COUNT], c[GOOD]
+        cols.mean[ix], cols.m2[ix], cols.sum[ix], cols.comp[ix] = c[MEAN], c[M2], c[SUM], c[COMP]
+        cols.min[ix] = np.where(good, np.asarray(c[MIN], F64), np.inf)
+        cols.max[ix] = np.where(good, np.asarray(c[MAX], F64), -np.inf)
+        cols.first_ts[ix] = np.where(good, np.asarray(c[FIRST_TS], I64), NO_TS_LO)
+        cols.last_ts[ix] = np.where(good, np.asarray(c[LAST_TS], I64), NO_TS_HI)
+        cols.first[ix], cols.last[ix] = c[FIRST], c[LAST]
+        cols.seen[ix] = np.asarray(c[SEEN], np.uint64)
+        cols.ovf[ix], cols.phase[ix] = c[C_OVF], c[C_PHASE]
+        for k, offs in rec.get("ms", {}).items():
+            cols.seen_ms[slots[int(k)]] = set(offs)
+        k = 0
+        for point, latest_ts, unit, n in zip(rec["p"], rec["l"], rec["u"], rec["n"], strict=True):
+            x = self._restored_series(dev, chunk, point, latest_ts, unit, partition)
+            for j in range(k, k + n):
+                self._open(dev, x, wss[j], slots[j])
+            k += n
+
+    def _restored_series(
+        self, dev: Device, chunk: Chunk, point: str, latest_ts: int | None, unit: str | None, partition: int
+    ) -> Series:
+        x = Series(f"{dev.key}/{point}", chunk, -1)
+        x.idx = self._row(x)
+        self.row_part[x.idx] = partition
+        x.unit = unit
+        if latest_ts is not None:
+            self.lat_ts[x.idx] = latest_ts
+        chunk.series[point] = x
+        dev.points[point] = x
+        self.series[x.name] = x
+        return x
 
     def checkpoint(self, partition: int) -> list[tuple[bytes, bytes | None]]:
         """The records that make the partition's state since the last checkpoint durable."""

@@ -152,3 +152,55 @@ def test_latest_records_are_the_json_of_take_latest():
     assert {k: v for k, (v, _) in got.items()} == want
     assert all(ts == want[k]["ts"] for k, (_, ts) in got.items())
     assert b.latest_records(0) == []
+
+
+def test_a_checkpoint_of_the_list_format_is_restored():
+    # What versions before the columns wrote: a list per window. A restart on it goes on exactly.
+    import orjson
+
+    from pipeline.stages.windows import DEV_PREFIX, WM_PREFIX
+
+    msgs = [
+        batch("d", [("p", T0 + i * 1_000, float(i), "good"), ("q", T0 + i * 1_000 + 7, 2.0 * i, "bad")])
+        for i in range(5)
+    ]
+    clean = MinuteAggregator(grace_ms=10_000)
+    for off, m in enumerate(msgs):
+        clean.apply(0, off, m)
+    p_state = [2, 2, 0.5, 0.5, 0.0, 1.0, 1.0, 0.0, T0, 0.0, T0 + 1_000, 1.0, 0b11, None, 0, 0]
+    q_state = [2, 0, 0.0, 0.0, None, None, 0.0, 0.0, None, None, None, None, 0, [7, 1_007], 0, 7]
+    legacy = [
+        (
+            b"s1/d#0",
+            orjson.dumps(
+                {
+                    "o": {"0": 1},
+                    "s": [
+                        ["p", T0 + 1_000, None, [[T0, *p_state]]],
+                        ["q", T0 + 1_007, "kW", [[T0, *q_state]]],
+                    ],
+                }
+            ),
+        ),
+        (
+            (DEV_PREFIX + "s1/d").encode(),
+            orjson.dumps({"p": 0, "mx": T0 + 1_007, "wm": T0 + 1_007 - 10_000, "q": 1}),
+        ),
+        ((WM_PREFIX + "0").encode(), b'{"o":1}'),
+    ]
+    again = MinuteAggregator(grace_ms=10_000)
+    again.restore(0, legacy)
+    for off, m in enumerate(msgs[2:], start=2):
+        again.apply(0, off, m)
+    a = {(c.series, c.window_start): c.aggregate for c in clean.due(0, flush_all=True)}
+    b = {(c.series, c.window_start): c.aggregate for c in again.due(0, flush_all=True)}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert {f: v for f, v in b[k].items() if f != "unit"} == {
+            f: v for f, v in a[k].items() if f != "unit"
+        }
+    assert b[("s1/d/q", T0)]["unit"] == "kW"
+    # and the columns written now restore to the same state
+    third = MinuteAggregator(grace_ms=10_000)
+    third.restore(0, again.checkpoint(0))
+    assert {(c.series, c.window_start): c.aggregate for c in third.due(0, flush_all=True)} == b
