@@ -106,6 +106,7 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
             step=aggregation,
             fatal=fatal,
             checkpoint_interval=topo.aggregates.checkpoint_interval / 1000,
+            batch_size=2000,  # the fold's numpy steps cost per batch: bigger batches, fewer steps per reading
             consumer_conf={"fetch.max.bytes": 16 * 2**20, "max.partition.fetch.bytes": 8 * 2**20},
         )
     )

@@ -30,7 +30,7 @@ from pipeline.core.kafka import ensure_compacted_topic, read_all
 from pipeline.core.records import HEARTBEAT_KEY, InvalidRecord, Scan, validate_scan
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.runtime import Step
-from pipeline.stages.windows import Close, MinuteAggregator
+from pipeline.stages.windows import Applied, Close, MinuteAggregator
 
 log = logging.getLogger("plantstream.worker")
 wlog = logging.getLogger("plantstream.windows")
@@ -128,8 +128,10 @@ class Aggregation(Step):
                 if run is None:
                     run = runs[p] = []
                 run.append((o, scan))
-        for p, run in runs.items():
-            self._apply(p, run)
+        if runs:
+            results = self.engine.apply_partitions(runs, self.wall_ms)
+            for p, run in runs.items():
+                self._after(p, run, results[p])
         self._log_closes()
 
     def _send(self, topic: str, key: str, value: Any, ts_ms: int | None = None) -> None:
@@ -204,9 +206,9 @@ class Aggregation(Step):
         self.seen[f"{site}/{device}"] = self.now
         return scan
 
-    def _apply(self, p: int, run: list[tuple[int, Scan]]) -> None:
+    def _after(self, p: int, run: list[tuple[int, Scan]], results: list[Applied]) -> None:
+        """Count, dead-letter the late and future readings, close what the devices' clocks closed."""
         counters = self.counters
-        results = self.engine.apply_many(p, run, self.wall_ms)
         devices: set[str] = set()
         for (o, scan), applied in zip(run, results, strict=True):
             if applied.skipped:

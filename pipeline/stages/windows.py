@@ -436,6 +436,9 @@ class _Fold:
     __slots__ = ("idx", "n", "qual", "seg", "status", "t_cnt", "t_val", "vals")
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self.idx: list[np.ndarray] = []  # series rows, per message
         self.t_val: list[int] = []  # times, run-length: a scan with one time is one run
         self.t_cnt: list[int] = []
@@ -947,11 +950,38 @@ class MinuteAggregator:
         with the same arithmetic as one at a time, so the aggregates do not depend on how messages were
         batched (a replay after a crash gives the same bits).
         """
+        f = _Fold()
+        results = self._gather(partition, items, wall_ms, f)
+        self._fold_rest(f, [results])
+        return results
+
+    def apply_partitions(
+        self, runs: dict[int, list[tuple[int, Scan]]], wall_ms: int | None = None
+    ) -> dict[int, list[Applied]]:
+        """:meth:`apply_many` for several partitions at once: one fold for all (their series differ), so the
+        vector steps work on more windows at a time."""
+        f = _Fold()
+        out = {p: self._gather(p, items, wall_ms, f) for p, items in runs.items()}
+        self._fold_rest(f, list(out.values()))
+        return out
+
+    def _fold_rest(self, f: _Fold, results: list[list[Applied]]) -> None:
+        if f.n:
+            self._fold_segment(f)
+        for res in results:
+            for out in res:
+                self.duplicate_count += out.duplicates
+                self.late_count += len(out.late)
+
+    def _gather(
+        self, partition: int, items: list[tuple[int, Scan]], wall_ms: int | None, f: _Fold
+    ) -> list[Applied]:
+        """Judge one partition's messages (skipped, future, late, the device clocks) and gather the rest into
+        ``f``, folding it whenever it is full."""
         ps = self._part(partition)
         results: list[Applied] = []
         future = None if wall_ms is None or self.max_future_ms is None else wall_ms + self.max_future_ms
         window_ms, grace = self.window_ms, self.grace_ms
-        f = _Fold()
         wms: dict[Device, int | None] = {}  # device -> watermark as the messages so far left it
         dirty = ps.dirty
         for offset, scan in items:
@@ -1025,12 +1055,7 @@ class MinuteAggregator:
             f.seg.append(out)
             if f.n >= FOLD_MAX:
                 self._fold_segment(f)
-                f = _Fold()
-        if f.n:
-            self._fold_segment(f)
-        for out in results:
-            self.duplicate_count += out.duplicates
-            self.late_count += len(out.late)
+                f.clear()
         return results
 
     def _fold_segment(self, f: _Fold) -> None:

@@ -204,3 +204,27 @@ def test_a_checkpoint_of_the_list_format_is_restored():
     third = MinuteAggregator(grace_ms=10_000)
     third.restore(0, again.checkpoint(0))
     assert {(c.series, c.window_start): c.aggregate for c in third.due(0, flush_all=True)} == b
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31))
+def test_partitions_folded_together_give_what_each_alone_gives(seed):
+    msgs0 = workload(seed, 40)
+    msgs1 = [{**m, "site": "s2"} for m in workload(seed + 1, 40)]  # other devices, on partition 1
+    a = MinuteAggregator(grace_ms=10_000)
+    b = MinuteAggregator(grace_ms=10_000)
+    ra = [
+        a.apply_many(p, [(i, Scan.of_batch(m)) for i, m in enumerate(ms)])
+        for p, ms in ((0, msgs0), (1, msgs1))
+    ]
+    rb = b.apply_partitions(
+        {p: [(i, Scan.of_batch(m)) for i, m in enumerate(ms)] for p, ms in ((0, msgs0), (1, msgs1))}
+    )
+    for p, res in enumerate(ra):
+        assert [(r.applied, r.duplicates, len(r.late)) for r in res] == [
+            (r.applied, r.duplicates, len(r.late)) for r in rb[p]
+        ]
+        ea = {(c.series, c.window_start): c.aggregate for c in a.due(p, flush_all=True)}
+        eb = {(c.series, c.window_start): c.aggregate for c in b.due(p, flush_all=True)}
+        assert ea == eb and ea
+    assert a.duplicate_count == b.duplicate_count
