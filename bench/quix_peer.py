@@ -419,22 +419,27 @@ def main(argv: list[str] | None = None) -> None:
 # --- the benchmark side ---------------------------------------------------------------------------
 
 
-def _wait_first_message(log: Path, proc: subprocess.Popen[bytes], timeout: float) -> float:
-    """The Quix app's monotonic clock reading at its first consumed message (same clock as ours, Linux)."""
+def _wait_first_message(logs: list[Path], procs: list[subprocess.Popen[bytes]], timeout: float) -> float:
+    """The monotonic clock reading at the first consumed message of any app (same clock as ours, Linux)."""
     deadline = time.monotonic() + timeout
     while True:
-        text = log.read_text(errors="replace")
-        at = text.find(FIRST_MESSAGE)
-        if at >= 0:
-            end = text.find("\n", at)
-            if end >= 0:
-                return float(text[at + len(FIRST_MESSAGE) : end])
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"the Quix app exited (code {proc.returncode}) before its first message; see {log}"
-            )
+        found = []
+        for log in logs:
+            text = log.read_text(errors="replace")
+            at = text.find(FIRST_MESSAGE)
+            if at >= 0:
+                end = text.find("\n", at)
+                if end >= 0:
+                    found.append(float(text[at + len(FIRST_MESSAGE) : end]))
+        if found:
+            return min(found)
+        for proc, log in zip(procs, logs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the Quix app exited (code {proc.returncode}) before its first message; see {log}"
+                )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the Quix app consumed no message within {timeout:.0f} s; see {log}")
+            raise RuntimeError(f"the Quix app consumed no message within {timeout:.0f} s; see {logs[0]}")
         time.sleep(0.02)
 
 
@@ -446,7 +451,7 @@ def _readings_in_table(conn: psycopg.Connection[Any], schema: str) -> int:
 
 
 def _wait_rows(
-    dsn: str, schema: str, expected: int, timeout: float, proc: subprocess.Popen[bytes], log: Path
+    dsn: str, schema: str, expected: int, timeout: float, procs: list[subprocess.Popen[bytes]], log: Path
 ) -> float:
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -454,9 +459,10 @@ def _wait_rows(
             n = _readings_in_table(conn, schema)
             if n >= expected:
                 return time.monotonic()
-            if proc.poll() is not None:
+            dead = next((q for q in procs if q.poll() is not None), None)
+            if dead is not None:
                 raise RuntimeError(
-                    f"the Quix app exited (code {proc.returncode}) with {n:,} of {expected:,} readings "
+                    f"the Quix app exited (code {dead.returncode}) with {n:,} of {expected:,} readings "
                     f'in "{schema}".agg_1m; see {log}'
                 )
             if time.monotonic() > deadline:
@@ -504,40 +510,46 @@ def run_quix(
     by: str = "device",
     commit_interval: float = COMMIT_INTERVAL,
     closing: str = "key",
+    instances: int = 1,
 ) -> dict[str, Any]:
     """Aggregate the preloaded ``topic`` with Quix Streams into ``"<schema>".agg_1m``; time it.
 
-    The clock runs from the app's first consumed message to the moment ``agg_1m`` holds
-    ``expected_readings`` (sum of ``count``); CPU and peak RSS are the Quix process's.
+    ``instances`` apps share one consumer group (as plantstream's workers do), each with its own state
+    directory. The clock runs from the first consumed message of any of them to the moment ``agg_1m``
+    holds ``expected_readings`` (sum of ``count``); CPU is summed over the apps, peak RSS is the largest.
     """
     logs.mkdir(parents=True, exist_ok=True)
     group = f"quix-peer-{tag}-{uuid.uuid4().hex[:8]}"
-    state_dir = Path(tempfile.mkdtemp(prefix=f"quix-state-{tag}-", dir=logs))
-    log = logs / f"quix-{tag}.log"
+    state_dirs = [Path(tempfile.mkdtemp(prefix=f"quix-state-{tag}-", dir=logs)) for _ in range(instances)]
+    qlogs = [logs / (f"quix-{tag}.log" if i == 0 else f"quix-{tag}-{i + 1}.log") for i in range(instances)]
     with psycopg.connect(dsn, autocommit=True) as conn:
         ensure_table(conn, schema)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.quix_peer",
-        *("--bootstrap", bootstrap, "--topic", topic, "--dsn", dsn, "--schema", schema),
-        *("--group", group, "--state-dir", str(state_dir), "--grace-ms", str(grace_ms)),
-        *("--commit-interval", str(commit_interval), "--by", by, "--closing", closing),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    procs = []
+    for state_dir, log in zip(state_dirs, qlogs, strict=True):
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.quix_peer",
+            *("--bootstrap", bootstrap, "--topic", topic, "--dsn", dsn, "--schema", schema),
+            *("--group", group, "--state-dir", str(state_dir), "--grace-ms", str(grace_ms)),
+            *("--commit-interval", str(commit_interval), "--by", by, "--closing", closing),
+        ]
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
     try:
-        start = _wait_first_message(log, proc, STARTUP_TIMEOUT)
-        cpu0 = cpu_seconds(proc.pid)
-        done = _wait_rows(dsn, schema, expected_readings, timeout, proc, log)
-        cpu = cpu_seconds(proc.pid) - cpu0
-        rss = peak_rss_mb(proc.pid)
+        start = _wait_first_message(qlogs, procs, STARTUP_TIMEOUT)
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        done = _wait_rows(dsn, schema, expected_readings, timeout, procs, qlogs[0])
+        cpu = sum(cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True))
+        rss = max(peak_rss_mb(p.pid) for p in procs)
     finally:
-        _stop(proc)
+        for proc in procs:
+            _stop(proc)
         _delete_internal_topics(bootstrap, group)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        for state_dir in state_dirs:
+            shutil.rmtree(state_dir, ignore_errors=True)
         if not keep_schema:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

@@ -17,12 +17,13 @@ Scenarios (``--scenarios``, default ``kafka,mqtt``; each run ``--reps`` times, m
     latency is null);
   - worker CPU seconds per million readings (summed over workers) and peak RSS (VmHWM of the largest
     worker), and both for each worker;
-  - the same job in Quix Streams (``bench/quix_peer.py``) on the same loaded topic right afterwards: its
+  - the same job in Quix Streams (``bench/quix_peer.py``, as many apps in one group as workers) on the same
+    loaded topic right afterwards: its
     readings/s, CPU and RSS, and plantstream readings/s ÷ Quix readings/s (``--no-quix`` skips it). One
     "tick" batch per partition after the workload, two minutes plus the grace past its last reading, lets
     Quix close its last windows by event time; it is in no count.
 
-  ``--readings`` defaults per series count to max(1,000,000, 300 * series): at least five minutes of event
+  ``--readings`` defaults per series count to max(3,000,000, 180 * series): at least three minutes of event
   time, so that windows close all along the run and not only at its end. The summary also gives the scaling
   of each worker count against one worker at the same series count.
 * ``mqtt``: the same readings published over MQTT (QoS 1, one JSON object of points per device message),
@@ -178,8 +179,9 @@ def workload(
 
 def default_readings(series: int) -> int:
     # One scan per device per event second: 180 * series readings are three minutes of event time, so every
-    # run closes windows by watermark (grace 10 s) and not only by the final idle flush.
-    return max(1_000_000, series * 180)
+    # run closes windows by watermark (grace 10 s) and not only by the final idle flush; at least 3 M, so
+    # that a run lasts ten seconds or more and its last second (the last windows and rows) weighs little.
+    return max(3_000_000, series * 180)
 
 
 # Another checkout whose worker to measure (--worker-src): versions side by side with one bench.
@@ -447,7 +449,14 @@ def timeout_for(args: argparse.Namespace) -> float:
 
 
 def run_peer(
-    env: dict[str, str], topic: str, readings: int, grace_ms: int, timeout: float, logs: Path, tag: str
+    env: dict[str, str],
+    topic: str,
+    readings: int,
+    grace_ms: int,
+    timeout: float,
+    logs: Path,
+    tag: str,
+    instances: int = 1,
 ) -> dict[str, Any]:
     """The same job in Quix Streams on the loaded topic. A failure of the peer is reported in the results
     and does not discard plantstream's measurement."""
@@ -465,6 +474,7 @@ def run_peer(
             timeout=timeout,
             logs=logs,
             tag=tag,
+            instances=instances,
         )
     except Exception as e:
         console.print(f"  [bold red]the Quix Streams peer failed:[/] {e}")
@@ -575,7 +585,8 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         latency = close_to_commit(dsn, schema, window_closes(wlogs), device_parts)
         secs = done - start
         if args.quix:
-            quix = run_peer(env, raw, n, grace_ms, timeout, logs, tag)
+            # As many Quix apps in one consumer group as plantstream workers.
+            quix = run_peer(env, raw, n, grace_ms, timeout, logs, tag, instances=args.workers)
     finally:
         stop(workers)
         cleanup(env, topo)
@@ -1087,7 +1098,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=", ".join(runners))
     ap.add_argument("--series", type=int_list, default=[1000, 10_000, 100_000], help="comma list")
     ap.add_argument(
-        "--readings", type=int, default=None, help="per run (default: max(1,000,000, 180 * series))"
+        "--readings", type=int, default=None, help="per run (default: max(3,000,000, 180 * series))"
     )
     ap.add_argument("--points", type=int, default=50, help="points per device (readings per batch)")
     ap.add_argument("--workers", type=int_list, default=[1, 2], help="comma list (kafka scenario)")

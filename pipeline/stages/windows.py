@@ -8,7 +8,17 @@ running ahead moves only its own device. Readings stamped more than ``max_future
 are returned as ``future`` and move no clock. A reading whose (series, ts) was already applied to its
 window is a duplicate (an MQTT redelivery, an OPC UA session restart) and changes nothing.
 
-The state lives in memory, in plain Python objects, and is made durable by **checkpoints**: the stage calls
+**Columns, folded a batch at a time.** Every open window's statistics live in numpy arrays, one per
+statistic, one slot per window (:class:`Columns`); series, chunks and devices are small Python objects that
+index them. :meth:`MinuteAggregator.apply_partitions` takes a whole consume batch: per message it judges
+what the device's clock makes of it (skipped on replay, future, late) and gathers the rest; then one fold
+groups the readings by window and updates all windows at once, one reading of each per numpy step, in
+arrival order, with exactly the arithmetic of :func:`add_reading` (Welford, Neumaier, first/last by time,
+one duplicate bit per second). The result does not depend on how messages were batched: a replay after a
+crash gives the same bits. The few windows with many readings in one batch, and any whose statistics
+leave the range of a double, finish one reading at a time.
+
+The state is made durable by **checkpoints**: the stage calls
 :meth:`MinuteAggregator.checkpoint` for a partition every few seconds, writes the records it returns to the
 partition's state topic (compacted), and only then acknowledges the input messages handled since the last
 checkpoint. Writing state per checkpoint instead of per message is what makes the worker fast: a series
@@ -18,7 +28,8 @@ Records (keys and values are bytes; values are JSON), in this order within a che
 
 * per **chunk**, ``site/device#k``: up to :data:`CHUNK_POINTS` series of one device, each with its open
   windows, its unit and the newest event time published to ``telemetry.latest``, plus the last input offset
-  applied to the chunk *per input partition* (a device moves when ``telemetry.raw`` gains partitions);
+  applied to the chunk *per input partition* (a device moves when ``telemetry.raw`` gains partitions); the
+  windows' statistics as one array per statistic (earlier versions wrote a list per window: still read);
 * per **device**, ``\x00dev/site/device``, after its chunks: the device's clock and watermark. It commits the
   device's chunks: a checkpoint cut short leaves an older head, whose clock makes the replay judge every
   reading exactly as the first run did;
@@ -28,11 +39,11 @@ After a crash the state is the last checkpoint, and the input is read again from
 which is never past that checkpoint (acks follow checkpoints). Replayed messages are skipped chunk by chunk by
 their offsets, so a replay is idempotent even if the crash hit in the middle of writing a checkpoint.
 
-Processing one input message is three steps, split so the stage can make the closed aggregates durable
-in Kafka *before* the windows are deleted from the state:
+Processing input is three steps, split so the stage can make the closed aggregates durable in Kafka
+*before* the windows are deleted from the state:
 
-1. :meth:`apply` folds the message's readings into their windows (late and future readings are returned,
-   duplicates counted, neither applied);
+1. :meth:`apply_partitions` (:meth:`apply` for one message) folds the readings into their windows (late and
+   future readings are returned, duplicates counted, neither applied);
 2. :meth:`due` lists the windows the device's new watermark closes, with their final aggregates;
 3. :meth:`finish` deletes those windows and records the message's offset as fully applied.
 
@@ -44,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -856,17 +867,15 @@ class MinuteAggregator:
             out.append(rd)
         return out
 
-    def latest_records(self, partition: int) -> list[tuple[bytes, bytes, int]]:
+    def latest_records(self, partition: int) -> Iterator[tuple[bytes, bytes, int]]:
         """:meth:`take_latest` as (key, JSON value, ts) records for telemetry.latest, written without a
-        dict per reading: a series' site/device/point/unit part is encoded once (at 100,000 series the
+        dict per reading and without holding them all (a generator): a series' site/device/point/unit part is
+        encoded once (at 100,000 series the
         latest values of a checkpoint were a tenth of the worker's time)."""
         n = len(self.rows)
         ix = np.flatnonzero(self.lat_new[:n] & (self.row_part[:n] == partition))
-        if not len(ix):
-            return []
         self.lat_new[ix] = False
         rows, status = self.rows, self.lat_status
-        out: list[tuple[bytes, bytes, int]] = []
         for i, ts, v, q in zip(
             ix.tolist(),
             self.lat_ts[ix].tolist(),
@@ -885,7 +894,7 @@ class MinuteAggregator:
                 if s.unit:
                     rd["unit"] = s.unit
                 rd["status"] = status[i]
-                out.append((key, orjson.dumps(rd), ts))
+                yield key, orjson.dumps(rd), ts
                 continue
             head = s.head
             if head is None or head[0] != s.unit:
@@ -901,8 +910,7 @@ class MinuteAggregator:
                 )
             )
             # repr of a finite float is JSON (values are finite by validation)
-            out.append((key, b'%s,"ts":%d,"value":%s%s' % (head[1], ts, repr(v).encode(), tail), ts))
-        return out
+            yield key, b'%s,"ts":%d,"value":%s%s' % (head[1], ts, repr(v).encode(), tail), ts
 
     def watermark(self, device: str) -> int | None:
         """The device's watermark (``site/device``): windows ending at or before it are closed."""

@@ -151,7 +151,7 @@ def test_latest_records_are_the_json_of_take_latest():
     got = {k.decode(): (orjson.loads(v), ts) for k, v, ts in b.latest_records(0)}
     assert {k: v for k, (v, _) in got.items()} == want
     assert all(ts == want[k]["ts"] for k, (_, ts) in got.items())
-    assert b.latest_records(0) == []
+    assert list(b.latest_records(0)) == []
 
 
 def test_a_checkpoint_of_the_list_format_is_restored():
