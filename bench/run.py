@@ -457,6 +457,7 @@ def run_peer(
     logs: Path,
     tag: str,
     instances: int = 1,
+    closing: str = "key",
 ) -> dict[str, Any]:
     """The same job in Quix Streams on the loaded topic. A failure of the peer is reported in the results
     and does not discard plantstream's measurement."""
@@ -475,6 +476,7 @@ def run_peer(
             logs=logs,
             tag=tag,
             instances=instances,
+            closing=closing,
         )
     except Exception as e:
         console.print(f"  [bold red]the Quix Streams peer failed:[/] {e}")
@@ -586,7 +588,9 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         secs = done - start
         if args.quix:
             # As many Quix apps in one consumer group as plantstream workers.
-            quix = run_peer(env, raw, n, grace_ms, timeout, logs, tag, instances=args.workers)
+            quix = run_peer(
+                env, raw, n, grace_ms, timeout, logs, tag, instances=args.workers, closing=args.quix_closing
+            )
     finally:
         stop(workers)
         cleanup(env, topo)
@@ -622,6 +626,7 @@ def run_kafka(args: argparse.Namespace, env: dict[str, str], logs: Path) -> dict
         "latency_p99_ms": latency["p99_ms"],
         "latency": latency,
         "quix": quix,
+        "quix_closing": args.quix_closing if args.quix else None,
         "profile": profile,
         "quix_readings_per_s": quix.get("readings_per_s") if quix else None,
         "quix_cpu_s_per_million": quix.get("cpu_s_per_million") if quix else None,
@@ -1121,6 +1126,12 @@ def main() -> None:
     ap.add_argument("--live-rate", type=float, default=100_000, help="readings/s of the live scenario")
     ap.add_argument("--live-seconds", type=float, default=150, help="duration of the live scenario")
     ap.add_argument("--no-quix", dest="quix", action="store_false", help="skip the Quix Streams peer")
+    ap.add_argument(
+        "--quix-closing",
+        choices=("key", "partition"),
+        default="key",
+        help="the Quix peer's window closing: per device, as plantstream (default), or per partition",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",

@@ -307,6 +307,30 @@ class Scan:
         )
 
 
+def columns(batch: ReadingBatch) -> dict[str, Any]:
+    """A version-1 ReadingBatch as version 2 (columns), as connectors write it: one ``ts`` when the whole scan
+    has one, ``quality``/``units``/``status`` only when a reading needs them."""
+    rs = batch["readings"]
+    out: dict[str, Any] = {
+        "v": 2,
+        "source": batch["source"],
+        "site": batch["site"],
+        "device": batch["device"],
+        "points": [r["point"] for r in rs],
+    }
+    ts = [r["ts"] for r in rs]
+    out["ts"] = ts[0] if ts and ts.count(ts[0]) == len(ts) else ts
+    out["values"] = [r["value"] for r in rs]
+    quality = [r["quality"] for r in rs]
+    if quality.count("good") != len(quality):
+        out["quality"] = quality
+    if any("unit" in r for r in rs):
+        out["units"] = [r.get("unit") for r in rs]
+    if any("status" in r for r in rs):
+        out["status"] = [r.get("status") for r in rs]
+    return out
+
+
 _UNIT_TYPES = {str, type(None)}
 
 

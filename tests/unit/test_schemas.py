@@ -141,3 +141,24 @@ def test_reading_batch_version_2_in_columns():
     assert bad == [] and scan.batch() == validate_batch(sample_batch())[0]
     batch, _ = validate_batch(v2)  # what the sinks take: version 1
     jsonschema.validate(batch, schema("reading-batch.json"))
+
+
+def test_connectors_write_version_2_that_reads_back_the_same():
+    from pipeline.core.records import columns
+
+    batch, _ = validate_batch(sample_batch())
+    v2 = columns(batch)
+    jsonschema.validate(v2, schema("reading-batch.json"))
+    assert v2["v"] == 2 and v2["quality"] == ["good", "bad"] and v2["units"] == ["kW", None]
+    assert validate_batch(v2)[0] == batch
+    one = {**batch, "readings": [{**r, "ts": T0, "quality": "good"} for r in batch["readings"][:1]]}
+    assert columns(one) == {
+        "v": 2,
+        "source": "s",
+        "site": "a",
+        "device": "b",
+        "points": ["p"],
+        "ts": T0,
+        "values": [1.5],
+        "units": ["kW"],
+    }
