@@ -61,6 +61,16 @@ def namespace(services_env: dict[str, str]) -> Iterator[dict[str, str]]:
 
     from connectors.timescale import tenancy
 
-    with psycopg.connect(services_env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
-        tenancy.drop(conn, ns["schema"])
-        conn.execute(f'DROP SCHEMA IF EXISTS "{ns["schema"]}" CASCADE')
+    # TimescaleDB's background workers (a continuous aggregate's refresh policy) may update the catalog rows a
+    # DROP ... CASCADE touches: "tuple concurrently updated". The drop is tried again until it goes through.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(services_env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
+                tenancy.drop(conn, ns["schema"])
+                conn.execute(f'DROP SCHEMA IF EXISTS "{ns["schema"]}" CASCADE')
+            break
+        except (psycopg.InternalError, psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
