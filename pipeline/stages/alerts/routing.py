@@ -46,48 +46,41 @@ class AlertRouting:
         found = self.reading_rules.for_device(site, device)
         return _Device(site, device, self.reading_rules, found, self.refs) if found or self.refs else None
 
+    def _lookup(self, site: str, device: str) -> _Device | None:
+        d = self._devices.get((site, device), _MISSING)
+        if d is _MISSING:
+            d = self._devices[(site, device)] = self._device(site, device)
+        assert d is None or isinstance(d, _Device)
+        return d
+
+    def _quiet(
+        self, produce: Produce, d: _Device, values: list[float], times: list[int], until: int | None
+    ) -> bool:
+        """A whole batch inside the device's band, after every watch came to rest: nothing to route, and no
+        watch would change (the common case, at the cost of a few C-level passes, not a loop)."""
+        if not (d.quiet and values and d.lo <= min(values) and max(values) <= d.hi):
+            return False
+        last = max(times)
+        if min(times) <= d.rest or (until is not None and last > until):
+            return False
+        if last > d.clock:
+            d.clock = last
+        self._tick(produce, d, [])
+        return True
+
     def scan(self, produce: Produce, scan: Scan, until: int | None = None) -> None:
         """:meth:`readings` for a batch in columns: the quiet case straight from its columns."""
-        dev = (scan.site, scan.device)
-        d = self._devices.get(dev, _MISSING)
-        if d is _MISSING:
-            d = self._devices[dev] = self._device(scan.site, scan.device)
-        if d is None:
-            return
-        assert isinstance(d, _Device)
-        if d.quiet and scan.points:
-            values, times = scan.values, scan.ts
-            if d.lo <= min(values) and max(values) <= d.hi:
-                last = max(times)
-                if min(times) > d.rest and (until is None or last <= until):
-                    if last > d.clock:
-                        d.clock = last
-                    self._tick(produce, d, [])
-                    return
-        self.readings(produce, scan.batch(), until)  # type: ignore[arg-type]
+        d = self._lookup(scan.site, scan.device)
+        if d is not None and not self._quiet(produce, d, scan.values, scan.ts, until):
+            self.readings(produce, scan.batch(), until)  # type: ignore[arg-type]
 
     def readings(self, produce: Produce, batch: dict[str, Any], until: int | None = None) -> None:
-        site, device = batch["site"], batch["device"]
-        dev = (site, device)
-        d = self._devices.get(dev, _MISSING)
-        if d is _MISSING:
-            d = self._devices[dev] = self._device(site, device)
+        d = self._lookup(batch["site"], batch["device"])
         if d is None:
             return
-        assert isinstance(d, _Device)
         rs = batch["readings"]
-        if d.quiet and rs:
-            # A whole batch inside the device's band, after every watch came to rest: nothing to route, and
-            # no watch would change (the common case, at the cost of a few C-level passes, not a loop).
-            values = [r["value"] for r in rs]
-            if d.lo <= min(values) and max(values) <= d.hi:
-                times = [r["ts"] for r in rs]
-                last = max(times)
-                if min(times) > d.rest and (until is None or last <= until):
-                    if last > d.clock:
-                        d.clock = last
-                    self._tick(produce, d, [])
-                    return
+        if d.quiet and rs and self._quiet(produce, d, [r["value"] for r in rs], [r["ts"] for r in rs], until):
+            return
         samples = []
         watches = d.watches
         clock = d.clock
