@@ -358,20 +358,6 @@ class Columns:
         self.free.extend(range(cap - 1, self.cap - 1, -1))
         self.cap = cap
 
-    def take(self, phase: int) -> int:
-        if not self.free:
-            self._grow(self.cap * 2)
-        i = self.free.pop()
-        self.count[i] = self.good[i] = 0
-        self.mean[i] = self.m2[i] = self.sum[i] = self.comp[i] = 0.0
-        self.min[i], self.max[i] = np.inf, -np.inf
-        self.first_ts[i], self.last_ts[i] = NO_TS_LO, NO_TS_HI
-        self.first[i] = self.last[i] = 0.0
-        self.seen[i] = 0
-        self.ovf[i] = 0
-        self.phase[i] = phase
-        return i
-
     def take_many(self, phases: list[int]) -> list[int]:
         """Slots for new windows, initialised at once."""
         n = len(phases)
@@ -718,7 +704,7 @@ class MinuteAggregator:
                         st = w[1:]
                         if len(st) < PHASE + 1:
                             st.extend(new_window()[len(st) :])  # written by an older version
-                        slot = self.cols.take(0)
+                        slot = self.cols.take_many([0])[0]
                         self.cols.put(slot, st)
                         self._open(dev, s, w[0], slot)
             self.devices[dkey] = dev
@@ -836,36 +822,7 @@ class MinuteAggregator:
 
     def take_latest(self, partition: int) -> list[Reading]:
         """Newest reading of each series changed since the last call (coalesced for telemetry.latest)."""
-        n = len(self.rows)
-        ix = np.flatnonzero(self.lat_new[:n] & (self.row_part[:n] == partition))
-        if not len(ix):
-            return []
-        self.lat_new[ix] = False
-        idx = ix.tolist()
-        tss = self.lat_ts[ix].tolist()
-        vals = self.lat_val[ix].tolist()
-        qs = self.lat_q[ix].tolist()
-        out: list[Reading] = []
-        for i, ts, v, q in zip(idx, tss, vals, qs, strict=True):
-            s = self.rows[i]
-            if s is None:
-                continue
-            site, device, point = s.name.split("/", 2)
-            rd: Reading = {
-                "site": site,
-                "device": device,
-                "point": point,
-                "ts": ts,
-                "value": v,
-                "quality": QUALITY_NAME[q],  # type: ignore[typeddict-item]
-            }
-            if s.unit:
-                rd["unit"] = s.unit
-            status = self.lat_status.get(i)
-            if status is not None:
-                rd["status"] = status
-            out.append(rd)
-        return out
+        return [orjson.loads(value) for _key, value, _ts in self.latest_records(partition)]
 
     def latest_records(self, partition: int) -> Iterator[tuple[bytes, bytes, int]]:
         """:meth:`take_latest` as (key, JSON value, ts) records for telemetry.latest, written without a
