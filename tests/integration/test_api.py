@@ -98,8 +98,11 @@ def env(services_env: dict[str, str]) -> Iterator[dict[str, Any]]:
             return int(row[0]) if row else 0
 
     try:
+        # Every minute of both sites closed (4 each), so no test sees a minute close between two reads.
         wait_for(
-            lambda: count("SELECT count(DISTINCT site) FROM {s}.agg_1m") == 2, 90, "agg_1m of both sites"
+            lambda: count("SELECT count(*) FROM {s}.agg_1m WHERE point = 'temp'") == 8,
+            90,
+            "the 4 minutes of d1/temp closed at both sites",
         )
         wait_for(lambda: count("SELECT count(*) FROM {s}.alarms WHERE active") == 2, 90, "an alarm per site")
         with serving(topo, app_id=f"api-{tag}") as base:
@@ -161,7 +164,7 @@ def test_aggregates_of_a_series_in_a_range(env: dict[str, Any]) -> None:
         want = conn.execute(
             f"SELECT count(*), sum(count) FROM {env['schema']}.agg_1m WHERE series = 'a1/d1/temp'"
         ).fetchone()
-    assert want is not None and len(rows) == want[0] >= 3 and sum(r["count"] for r in rows) == want[1]
+    assert want is not None and len(rows) == want[0] == 4 and sum(r["count"] for r in rows) == want[1]
     assert rows == sorted(rows, key=lambda r: r["bucket"])
     hour = get(env, "/api/series/a1/d1/temp/aggregates", resolution="1h", **{"from": start - 3600 * S}).json()
     assert sum(h["count"] for h in hour) == want[1]
