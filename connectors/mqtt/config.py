@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from connectors.common.spool import SpoolConfig, SpoolSetting
 from connectors.mqtt.wire import MAX_PACKET_SIZE, MIN_PACKET_SIZE
 from pipeline.core.durations import DurationMs
 from pipeline.core.topology import Model
@@ -77,6 +78,7 @@ class MqttSource(Model):
     )
     username: str | None = None
     password: str | None = Field(None, repr=False)
+    spool: SpoolSetting = SpoolConfig()  # store and forward; when_full defaults to block here
 
     @field_validator("max_packet_size")
     @classmethod

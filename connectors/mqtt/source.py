@@ -56,7 +56,7 @@ from urllib.parse import urlparse
 from confluent_kafka import KafkaError, KafkaException
 
 from connectors.common.backoff import delays
-from connectors.common.producer import Delivered, TelemetryProducer
+from connectors.common.producer import Delivered, TelemetryProducer, attach_spool
 from connectors.mqtt import wire
 from connectors.mqtt.config import MqttSource
 from connectors.mqtt.parse import Route, parse_message, point_reading, topic_matches
@@ -169,6 +169,11 @@ class Stats:
     oversized: int = 0  # MQTT packets over max_packet_size, dead-lettered
     oversized_for_kafka: int = 0  # messages (or readings) Kafka refused as too large, dead-lettered
     malformed: int = 0  # connections closed over a malformed packet
+    spool_bytes: int = 0
+    spool_records: int = 0
+    spool_oldest_age_s: float = 0.0
+    spool_dropped: int = 0
+    spool_resent: int = 0
 
 
 def _unexpected(e: Exception) -> str:
@@ -218,9 +223,14 @@ class _Fallback(_Lost):
 
 
 class MqttSourceRunner:
-    def __init__(self, cfg: MqttSource, producer: TelemetryProducer) -> None:
+    wants_topology = True  # the spool's default directory is named after the topology
+
+    def __init__(self, cfg: MqttSource, producer: TelemetryProducer, *, topology: Any = None) -> None:
         self.cfg = cfg
         self.producer = producer
+        # With a spool a message is acknowledged once its batch is fsynced there, not once Kafka has it.
+        self._spooled = attach_spool(producer, cfg.spool, topology, cfg.id, "block", ack_durable=True)
+        self._next_stats = 0.0
         self.routes = [(m.filter, Route.compile(m)) for m in cfg.topics]
         self.stats = Stats()
         url = urlparse(cfg.url)
@@ -722,7 +732,8 @@ class MqttSourceRunner:
         if self._early:
             data, self._early = self._early, b""
             self._feed(data)
-        reading = self._held < self.cfg.max_inflight
+        # A full `block` spool stops reading too: the broker keeps the messages.
+        reading = self._held < self.cfg.max_inflight and (not self._spooled or self.producer.room)
         if reading:
             if self._poller.poll(int(timeout * 1000 + 0.999)):
                 self._read()
@@ -733,6 +744,9 @@ class MqttSourceRunner:
         now = time.monotonic()
         self._flush_due(now)
         self._send_acks()
+        if self._spooled and now >= self._next_stats:
+            self._next_stats = now + 1.0
+            self.producer.update_stats(self.stats)
         if self._ping_at is None:
             if now - self._last_tx >= self._keepalive > 0:
                 self._ping()
@@ -828,6 +842,8 @@ class MqttSourceRunner:
             self._sock.close()
             self._sock = None
         self._connected.clear()
+        if self._spooled:
+            self.producer.flush(10)  # the backlog gets a moment; what Kafka has not taken stays spooled
         if self._held > 0:
             log.warning(
                 "source %s: stopped with %d messages not yet in Kafka: the broker sends them again",

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from connectors.common.spool import SpoolConfig, SpoolSetting
 from pipeline.core.durations import DurationMs
 
 # ns=<index>;<kind>=<id>  or  nsu=<namespace uri>;<kind>=<id>  or  <kind>=<id> (namespace 0)
@@ -206,6 +207,7 @@ class OpcUaSource(_Model):
     request_timeout: DurationMs = Field(default=4000, description="timeout of each OPC UA request")
     reconnect: Reconnect = Field(default_factory=lambda: Reconnect.model_validate({}))
     max_batch: int = Field(default=2000, ge=1, le=100_000, description="readings per ReadingBatch at most")
+    spool: SpoolSetting = SpoolConfig()  # store and forward; when_full defaults to drop_oldest here
 
     @field_validator("endpoint")
     @classmethod

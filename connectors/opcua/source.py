@@ -27,7 +27,7 @@ from confluent_kafka import KafkaError
 from connectors.common.backoff import delays
 from connectors.common.batcher import LoopBatcher
 from connectors.common.errors import FatalError
-from connectors.common.producer import TelemetryProducer
+from connectors.common.producer import TelemetryProducer, attach_spool
 from connectors.opcua import security
 from connectors.opcua.config import BrowseMapping, Monitoring, OpcUaSource
 from connectors.opcua.mapping import (
@@ -102,6 +102,12 @@ class Stats:
     reconnects: int = 0
     connect_failures: int = 0
     delivery_errors: int = 0
+    spool_bytes: int = 0
+    spool_records: int = 0
+    spool_oldest_age_s: float = 0.0
+    spool_dropped: int = 0
+    spool_resent: int = 0
+    publishing_paused: int = 0  # times the subscription was paused because a `block` spool was full
 
 
 def _status_code(dv: ua.DataValue) -> int:
@@ -124,12 +130,21 @@ class _Handler:
 
 
 class OpcUaSourceRunner:
+    wants_topology = True  # the spool's default directory is named after the topology
+
     def __init__(
-        self, cfg: OpcUaSource, producer: TelemetryProducer, *, client_factory: ClientFactory | None = None
+        self,
+        cfg: OpcUaSource,
+        producer: TelemetryProducer,
+        *,
+        topology: Any = None,
+        client_factory: ClientFactory | None = None,
     ) -> None:
         self.cfg = cfg
         self.producer = producer
         self.stats = Stats()
+        # The server keeps nothing for a client that missed it: store and forward on by default.
+        self._spooled = attach_spool(producer, cfg.spool, topology, cfg.id, "drop_oldest", ack_durable=False)
         self.fatal: str | None = None
         self.connected = threading.Event()
         self._client_factory = client_factory or (lambda url, timeout: Client(url, timeout=timeout))
@@ -207,8 +222,12 @@ class OpcUaSourceRunner:
             self.producer.flush(10)
 
     async def _serve_producer(self, stop: threading.Event) -> None:
+        next_stats = 0.0
         while True:
             self.producer.poll(0)
+            if self._spooled and time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + 1.0
+                self.producer.update_stats(self.stats)
             await asyncio.sleep(0.05)
 
     # -- one session ---------------------------------------------------------------------------------
@@ -257,8 +276,22 @@ class OpcUaSourceRunner:
                     self.stats.reconnects,
                 )
             next_check = time.monotonic() + 1.0
+            publishing = True
             while not stop.is_set() and not lost.is_set():
                 await asyncio.sleep(0.1)
+                if self._spooled and publishing != self.producer.room:
+                    # when_full: block. The server keeps sampling into each item's queue (queue_size,
+                    # oldest discarded) while publishing is off, and sends what it kept when it is on again.
+                    publishing = not publishing
+                    await sub.set_publishing_mode(publishing)
+                    if not publishing:
+                        self.stats.publishing_paused += 1
+                    log.warning(
+                        "source %s: spool %s; publishing %s",
+                        cfg.id,
+                        "full" if not publishing else "has room again",
+                        "paused" if not publishing else "resumed",
+                    )
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
                     await asyncio.wait_for(client.check_connection(), cfg.request_timeout / 1000)
