@@ -23,7 +23,7 @@ from bacpypes3.apdu import (
 from bacpypes3.app import Application
 from bacpypes3.local.device import DeviceObject
 from bacpypes3.local.networkport import NetworkPortObject
-from bacpypes3.pdu import Address
+from bacpypes3.pdu import Address, GlobalBroadcast
 from bacpypes3.primitivedata import Null, ObjectIdentifier, ObjectType, Real, Unsigned
 from bacpypes3.service.device import WhoIsFuture
 from bacpypes3.vendor import get_vendor_info
@@ -136,6 +136,22 @@ class CovSubscription:
         return dict(self._decode(pv) for pv in items)
 
 
+class _EveryIAm(WhoIsFuture):
+    """A Who-Is future that keeps every matching I-Am, one per (instance, address)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.every: dict[tuple[int, str], Any] = {}
+
+    def match(self, apdu: Any) -> None:
+        instance = apdu.iAmDeviceIdentifier[1]
+        if (self.low_limit is None or instance >= self.low_limit) and (
+            self.high_limit is None or instance <= self.high_limit
+        ):
+            self.every[(int(instance), str(apdu.pduSource))] = apdu
+        super().match(apdu)
+
+
 class BacnetClient:
     def __init__(
         self,
@@ -180,23 +196,21 @@ class BacnetClient:
     async def who_is(self, low: int, high: int, target: str | None, timeout: float) -> list[IAm]:
         """Who-Is over the instance range; ``target`` is where it goes (default: the local broadcast)."""
         app = self.app
-        if target is None:
-            found = await app.who_is(low, high, timeout=timeout)
-        else:
-            # A directed broadcast (or unicast) target. app.who_is(address=...) would only accept I-Am
-            # answers from that very address, so collect them the way it does, from anyone.
-            if not hasattr(app, "_who_is_futures"):
-                app._who_is_futures = []
-            fut = WhoIsFuture(app, None, low, high, timeout)
-            app._who_is_futures.append(fut)
-            app.request(
-                WhoIsRequest(
-                    destination=Address(target),
-                    deviceInstanceRangeLowLimit=low,
-                    deviceInstanceRangeHighLimit=high,
-                )
+        # bacpypes3's own future keeps one I-Am per instance (the last): two addresses claiming one
+        # instance must both be seen, so every answer is collected, from anyone, also for a directed target.
+        if not hasattr(app, "_who_is_futures"):
+            app._who_is_futures = []
+        fut = _EveryIAm(app, None, low, high, timeout)
+        app._who_is_futures.append(fut)
+        app.request(
+            WhoIsRequest(
+                destination=Address(target) if target is not None else GlobalBroadcast(),
+                deviceInstanceRangeLowLimit=low,
+                deviceInstanceRangeHighLimit=high,
             )
-            found = await fut.future
+        )
+        await fut.future
+        found = list(fut.every.values())
         return [
             IAm(
                 int(i.iAmDeviceIdentifier[1]),

@@ -6,11 +6,14 @@ bacpypes3, so loading a topology does not need the BACnet extra installed.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from connectors.common.spool import SpoolConfig, SpoolSetting
 from pipeline.core.durations import DurationMs
 
 ObjectType = Literal[
@@ -189,6 +192,13 @@ class BacnetSource(_Model):
         "number); 1-7 are life-safety and manual ranges",
     )
     max_batch: int = Field(default=2000, ge=1, le=100_000)
+    spool: SpoolSetting = SpoolConfig()  # store and forward; when_full defaults to drop_oldest here
+    network: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:/-]+$",
+        description="the BACnet network this source is on; write commands of a network are executed by one "
+        "process at a time (default: the IP network and port of local_address, e.g. 192.168.1.0/24:47808)",
+    )
 
     @field_validator("local_address")
     @classmethod
@@ -211,11 +221,30 @@ class BacnetSource(_Model):
                     f"devices[{i}] (instance {d.instance}) has no address: give one, or add "
                     "'discovery' so it is found by Who-Is"
                 )
+        if self.network is None and self.writable_points() and self.local_address == "host":
+            raise ValueError(
+                "network: a source with writable points and local_address 'host' needs a 'network' (the "
+                "BACnet network's name, e.g. 192.168.1.0/24:47808), so that one process executes its writes"
+            )
         names = [(d.site or self.site, d.name) for d in self.devices if d.name]
         dup_names = sorted({"/".join(n) for n in names if names.count(n) > 1})
         if dup_names:
             raise ValueError(f"device names must be unique per site; repeated: {', '.join(dup_names)}")
         return self
+
+    @property
+    def network_id(self) -> str:
+        """The BACnet network: ``network``, else the IP network and UDP port of ``local_address``.
+
+        Two connectors on one IP subnet and port reach the same devices, so they are one network.
+        """
+        if self.network is not None:
+            return self.network
+        addr, _, port = self.local_address.partition(":")
+        if addr == "host":
+            return f"host:{port or 47808}"
+        net = ipaddress.ip_interface(addr if "/" in addr else f"{addr}/24").network
+        return f"{net}:{port or 47808}"
 
     def writable_points(self) -> dict[str, tuple[DeviceConfig, PointConfig]]:
         """Series id (site/device/point) -> where it lives, for every point marked writable."""
@@ -234,3 +263,23 @@ class BacnetSource(_Model):
                 if d.name and p.name:
                     out[f"{d.site or self.site}/{d.name}/{p.name}"] = (d, p)
         return out
+
+
+def check_write_networks(sources: Iterable[object]) -> str | None:
+    """None when each BACnet network has its writable points in one source, else the problem and the fix.
+
+    The write commands of a network are executed by one process at a time (one consumer group per
+    network), and that process must hold the devices of every writable point of the network.
+    """
+    writers: dict[str, list[str]] = {}
+    for s in sources:
+        if isinstance(s, BacnetSource) and s.writable_points():
+            writers.setdefault(s.network_id, []).append(s.id)
+    for net, ids in writers.items():
+        if len(ids) > 1:
+            return (
+                f"sources {', '.join(ids)} are on the same BACnet network {net} and all have writable "
+                "points: put the writable points of a network in one source (or give the sources different "
+                "'network' values if they really are on different networks)"
+            )
+    return None

@@ -27,7 +27,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from connectors.bacnet.client import BacnetClient, BacnetError, IAm, PropertyError
-from connectors.bacnet.commands import CommandExecutor, WritePolicy
+from connectors.bacnet.commands import CommandExecutor, WritePolicy, WriteRefused
 from connectors.bacnet.config import BacnetSource, DeviceConfig
 from connectors.bacnet.values import (
     flags_of,
@@ -39,7 +39,7 @@ from connectors.bacnet.values import (
 )
 from connectors.common.backoff import delays
 from connectors.common.batcher import LoopBatcher
-from connectors.common.producer import TelemetryProducer
+from connectors.common.producer import TelemetryProducer, attach_spool
 from pipeline.core import codec
 from pipeline.core.records import BatchReading, InvalidRecord, now_ms
 
@@ -74,6 +74,10 @@ class Device:
     rpm: bool | None = None
     chunk: int = 0
     points: list[Point] = field(default_factory=list)
+    vendor: int | None = None  # identity read at setup; a new address must show the same
+    model: str | None = None
+    doubt: str | None = None  # why the address is in doubt (a conflicting I-Am): writes are refused
+    warned: set[str] = field(default_factory=set)  # claimants already logged (pinned devices)
     ready: bool = False
     online: bool = False
     polls: int = 0
@@ -102,7 +106,15 @@ class Stats:
     cov_notifications: int = 0
     cov_failures: int = 0
     writes: int = 0
+    iam_conflicts: int = 0
+    moves: int = 0
     delivery_errors: int = 0
+    spool_bytes: int = 0
+    spool_records: int = 0
+    spool_oldest_age_s: float = 0.0
+    spool_dropped: int = 0
+    spool_resent: int = 0
+    polls_held: int = 0  # polls put off because a `block` spool was full
 
 
 class BacnetSourceRunner:
@@ -119,6 +131,8 @@ class BacnetSourceRunner:
         self.cfg = cfg
         self.producer = producer
         self.stats = Stats()
+        # A device keeps nothing for a client that missed it: store and forward on by default.
+        self._spooled = attach_spool(producer, cfg.spool, topology, cfg.id, "drop_oldest", ack_durable=False)
         self.fatal: str | None = None
         self.ready = threading.Event()
         self.devices: dict[int, Device] = {}
@@ -131,8 +145,15 @@ class BacnetSourceRunner:
         self.executor: Any = None
         if topology is not None:
             policy = WritePolicy(topology)
-            if cfg.id in policy.bacnet_sources:
-                self.executor = CommandExecutor(topology, policy, cfg.id)
+            # One source per network executes its commands; the others on the network leave them to it.
+            if policy.executors.get(cfg.network_id) == cfg.id:
+                self.executor = CommandExecutor(
+                    topology,
+                    policy,
+                    cfg.id,
+                    network=cfg.network_id,
+                    write_timeout=cfg.defaults.timeout / 1000,
+                )
 
     # -- entry point ---------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -177,8 +198,12 @@ class BacnetSourceRunner:
             self.producer.flush(10)
 
     async def _serve_producer(self) -> None:
+        next_stats = 0.0
         while True:
             self.producer.poll(0)
+            if self._spooled and time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + 1.0
+                self.producer.update_stats(self.stats)
             await asyncio.sleep(0.05)
 
     # -- devices -------------------------------------------------------------------------------------
@@ -208,41 +233,161 @@ class BacnetSourceRunner:
             except (BacnetError, OSError) as e:
                 log.warning("source %s: Who-Is failed: %s", self.cfg.id, e)
                 found = []
+            claims: dict[int, list[IAm]] = {}
             for iam in found:
-                known = iam.instance in self.discovered
-                self.discovered[iam.instance] = iam
-                self.stats.discovered = len(self.discovered)
-                dev = self.devices.get(iam.instance)
-                if dev is None:
-                    dev = self._device(iam.instance, None)
-                if dev.address is None:
-                    dev.address = iam.address
-                    dev.max_apdu = iam.max_apdu
-                    log.info(
-                        "source %s: found device %d at %s (max APDU %d, %s)",
-                        self.cfg.id,
-                        iam.instance,
-                        iam.address,
-                        iam.max_apdu,
-                        iam.segmentation,
-                    )
-                    self._start(dev)
-                elif dev.address != iam.address and (dev.cfg is None or dev.cfg.address is None):
-                    log.warning(
-                        "source %s: device %d moved from %s to %s",
-                        self.cfg.id,
-                        iam.instance,
-                        dev.address,
-                        iam.address,
-                    )
-                    dev.address = iam.address
-                elif not known:
-                    log.info(
-                        "source %s: device %d answers Who-Is at %s", self.cfg.id, iam.instance, iam.address
-                    )
+                if all(c.address != iam.address for c in claims.get(iam.instance, [])):
+                    claims.setdefault(iam.instance, []).append(iam)
+            await asyncio.gather(*(self._claimed(i, c) for i, c in claims.items()))
             if disc.interval == 0:
                 return
             await asyncio.sleep(disc.interval / 1000)
+
+    async def _claimed(self, instance: int, iams: list[IAm]) -> None:
+        """Act on the I-Am answers of one Who-Is round for ``instance``.
+
+        Anyone on the network can send an I-Am, so an address is taken or changed only when verified: a
+        new device's claimant must answer a ReadProperty of its device object with that instance, and a
+        known device moves only when its address stops answering as it and the new one answers with the
+        same identity (instance, vendor, model). Otherwise the known address stays; while a conflict is
+        being checked or stays unresolved, writes to the device are refused.
+        """
+        known = instance in self.discovered
+        self.discovered[instance] = iams[0]
+        self.stats.discovered = len(self.discovered)
+        dev = self.devices.get(instance)
+        if dev is None:
+            dev = self._device(instance, None)
+        addresses = [i.address for i in iams]
+        if dev.cfg is not None and dev.cfg.address is not None:  # pinned: I-Am answers change nothing
+            for a in addresses:
+                if not _same_address(a, dev.address) and a not in dev.warned:
+                    dev.warned.add(a)
+                    self.stats.iam_conflicts += 1
+                    log.warning(
+                        "source %s: device %d is claimed from %s by an I-Am; its address is pinned to %s, "
+                        "which stays",
+                        self.cfg.id,
+                        instance,
+                        a,
+                        dev.address,
+                    )
+            return
+        if dev.address is None:
+            why = await asyncio.gather(*(self._answers_as(dev, a) for a in addresses))
+            verified = [a for a, w in zip(addresses, why, strict=True) if w is None]
+            if len(addresses) > 1:
+                self.stats.iam_conflicts += 1
+            if len(verified) != 1:
+                log.warning(
+                    "source %s: device %d claimed from %s: %s; not read until one address answers as it",
+                    self.cfg.id,
+                    instance,
+                    ", ".join(addresses),
+                    "more than one answers as it (pin the right one with 'address')"
+                    if verified
+                    else "; ".join(w for w in why if w),
+                )
+                return
+            iam = next(i for i in iams if i.address == verified[0])
+            dev.address = iam.address
+            dev.max_apdu = iam.max_apdu
+            log.info(
+                "source %s: found device %d at %s (max APDU %d, %s)",
+                self.cfg.id,
+                instance,
+                iam.address,
+                iam.max_apdu,
+                iam.segmentation,
+            )
+            self._start(dev)
+            return
+        others = [a for a in addresses if a != dev.address]
+        if not others:
+            if dev.doubt is not None and await self._answers_as(dev, dev.address) is None:
+                log.info(
+                    "source %s: device %d answers at %s again and nobody else claims it: writes resume",
+                    self.cfg.id,
+                    instance,
+                    dev.address,
+                )
+                dev.doubt = None
+            elif not known:
+                log.info("source %s: device %d answers Who-Is at %s", self.cfg.id, instance, dev.address)
+            return
+        for new in others:
+            await self._verify_move(dev, new)
+
+    async def _verify_move(self, dev: Device, new: str) -> None:
+        old = dev.address
+        assert old is not None
+        earlier_doubt = dev.doubt
+        dev.doubt = f"device {dev.instance} is claimed from {new} as well as from {old}; being verified"
+        stale = await self._answers_as(dev, old)
+        if stale is None:  # the known address still answers as the device: the other claim is false
+            dev.doubt = None
+            self.stats.iam_conflicts += 1
+            first = new not in dev.warned  # said once per claimant; counted every time
+            dev.warned.add(new)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "source %s: device %d is claimed from %s by an I-Am, but it still answers at %s: keeping %s",
+                self.cfg.id,
+                dev.instance,
+                new,
+                old,
+                old,
+            )
+            return
+        wrong = await self._answers_as(dev, new, identity=True)
+        if wrong is None:
+            self.stats.moves += 1
+            log.warning(
+                "source %s: device %d moved from %s to %s (%s; %s answers with the same identity)",
+                self.cfg.id,
+                dev.instance,
+                old,
+                new,
+                stale,
+                new,
+            )
+            dev.address = new
+            dev.doubt = None
+            dev.ready = False  # set up again at the new address: points, COV subscriptions
+            dev.wake.set()
+            return
+        self.stats.iam_conflicts += 1
+        dev.doubt = (
+            f"the address of device {dev.instance} is in doubt: {stale}, and {new} claims the device "
+            f"but {wrong}"
+        )
+        if dev.doubt != earlier_doubt:
+            log.warning("source %s: %s; keeping %s", self.cfg.id, dev.doubt, old)
+
+    async def _answers_as(self, dev: Device, address: str, identity: bool = False) -> str | None:
+        """None when ``address`` answers as ``dev`` (and, with ``identity``, shows its vendor and model);
+        else what it does instead."""
+        dref = f"device,{dev.instance}"
+        try:
+            oid = await self.client.read(address, dref, "object-identifier")
+        except BacnetError as e:
+            return f"{address} does not answer as device {dev.instance} ({e})"
+        try:
+            instance = int(oid[1])
+        except (TypeError, ValueError, IndexError):
+            return f"{address} answers with an object identifier {oid!r}"
+        if instance != dev.instance:
+            return f"{address} answers as device {instance}"
+        if identity:
+            for prop, had in (("vendor-identifier", dev.vendor), ("model-name", dev.model)):
+                if had is None:
+                    continue
+                try:
+                    value = await self.client.read(address, dref, prop)
+                except BacnetError as e:
+                    return f"{address} does not tell its {prop} ({e})"
+                if str(value) != str(had):
+                    return f"{address} has {prop} {str(value)!r}, the device had {str(had)!r}"
+        return None
 
     async def _device_loop(self, dev: Device) -> None:
         backoff = delays(1.0, max(5.0, dev.interval))
@@ -251,6 +396,11 @@ class BacnetSourceRunner:
                 if not dev.ready:
                     await self._setup(dev)
                 started = time.monotonic()
+                if self._spooled and not self.producer.room:
+                    # when_full: block. The next poll waits for room (the event loop keeps serving
+                    # COV, keepalives and commands meanwhile).
+                    self.stats.polls_held += 1
+                    await self.producer.wait_room()
                 await self._poll(dev)
                 dev.failures = 0
                 if not dev.online:
@@ -298,8 +448,21 @@ class BacnetSourceRunner:
         assert dev.address is not None
         dref = f"device,{dev.instance}"
         info = await self._read_props(
-            dev, [dref], ("object-name", "max-apdu-length-accepted", "segmentation-supported")
+            dev,
+            [dref],
+            (
+                "object-name",
+                "max-apdu-length-accepted",
+                "segmentation-supported",
+                "vendor-identifier",
+                "model-name",
+            ),
         )
+        vendor, model = info.get((dref, "vendor-identifier")), info.get((dref, "model-name"))
+        if vendor is not None and not isinstance(vendor, PropertyError):
+            dev.vendor = int(vendor)
+        if model is not None and not isinstance(model, PropertyError):
+            dev.model = str(model)
         name = info.get((dref, "object-name"))
         cfg_name = dev.cfg.name if dev.cfg else None
         dev.name = cfg_name or (
@@ -612,6 +775,10 @@ class BacnetSourceRunner:
         dev = self.devices.get(dc.instance)
         if dev is None or dev.address is None:
             raise BacnetError("timeout", f"device {dc.instance} has not been found on the network")
+        if dev.doubt is not None:
+            raise WriteRefused(
+                f"not sent: {dev.doubt}; pinning the device's 'address' in the topology rules this out"
+            )
         await self.client.write(dev.address, pc.object, value, priority)
         self.stats.writes += 1
         dev.wake.set()  # poll now, so the new value is on its way at once
@@ -629,6 +796,15 @@ class BacnetSourceRunner:
     def _dead_letter(self, reason: str, payload: dict[str, Any]) -> None:
         self.stats.dead_letters += 1
         self.producer.send_dead_letter(self.cfg.id, reason, codec.dumps(payload), None, self._delivered)
+
+
+def _same_address(a: str, b: str | None) -> bool:
+    """Whether two BACnet/IP addresses are the same, with or without the default port."""
+
+    def norm(x: str) -> str:
+        return x[: -len(":47808")] if x.endswith(":47808") else x
+
+    return b is not None and norm(a) == norm(b)
 
 
 def _ok(v: Any) -> Any:

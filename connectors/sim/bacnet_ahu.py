@@ -83,6 +83,8 @@ class _NotifyingWrites:
         name = self._property_identifier_class(attr).attr if isinstance(attr, int) else attr  # type: ignore[attr-defined]
         if name in ("presentValue", "present-value") and index is None:
             self.presentValue = value
+            # One line per write received, so tests can count what reached the device.
+            log.info("write %s presentValue=%s", self.objectName, value)  # type: ignore[attr-defined]
             return
         await super().write_property(attr, value, index, priority)  # type: ignore[misc]
 

@@ -3,8 +3,9 @@ CommandResults come back, the worker's audit sink writes write_commands rows in 
 
 Covers: a write at priority 8 lands in the priority array and presentValue; relinquish restores the
 relinquish default; not-writable, above-max, priority-3 and unknown points are rejected; a device refusal
-is reported failed; a redelivered command id is not executed twice; a command claimed by an executor that
-then died is reported failed (interrupted) instead of being run again; the CLI sends commands.
+is reported failed; a redelivered command id is not executed twice (its earlier result is sent again); a
+command claimed by an executor that then died is reported failed (interrupted) instead of being run again;
+the CLI sends commands.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from connectors.bacnet.client import BacnetClient
+from connectors.bacnet.commands import commands_group
 from connectors.sim import launch
 from pipeline.control import send_command
 from pipeline.core import codec
@@ -129,7 +131,7 @@ def claim_without_result(topo: Topology, cmd: WriteCommand) -> None:
         {
             "bootstrap.servers": topo.broker.bootstrap,
             "enable.auto.commit": False,
-            "group.id": f"{topo.prefix}plantstream-{topo.name}-commands-bms",
+            "group.id": commands_group(topo, topo.sources[0].network_id),
         }
     )
     c.commit(offsets=[TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)], asynchronous=False)
@@ -192,10 +194,11 @@ def test_writes_relinquish_rejections_and_audit(namespace: dict[str, str], tmp_p
 
         wait_for(lambda: seen(15.5), 10, "the written value in telemetry")
 
-        # Redelivered: the same id again (with another value) is not executed and gets no second result.
+        # Redelivered: the same id again (with another value) is not executed; it gets the earlier result.
         again = dict(first, value=17.0)
-        send_command(topo, again, wait=None)  # type: ignore[arg-type]
-        wait_for(lambda: executor.stats.duplicates >= 1, 15, "the duplicate to be recognised")
+        repeated = send_command(topo, again, wait=20)  # type: ignore[arg-type]
+        assert repeated is not None and repeated["status"] == "accepted" and repeated["value"] == 15.5
+        assert executor.stats.duplicates == 1
         assert read(ports, "analog-value,1") == 15.5
 
         # Relinquish restores the relinquish default.

@@ -33,6 +33,7 @@ class FakeDevice:
         self.cov = cov
         self.objects: dict[str, dict[str, Any]] = {
             f"device,{instance}": {
+                "object-identifier": ("device", instance),
                 "object-name": f"DEV-{instance}",
                 "max-apdu-length-accepted": 1476,
                 "segmentation-supported": "segmented-both",
