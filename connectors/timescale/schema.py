@@ -161,6 +161,63 @@ OFFSETS = """
     )"""
 
 
+# Partitions on plain PostgreSQL are DDL, which needs the table's owner. The writer role (no DDL) gets two
+# functions that run as the owner (SECURITY DEFINER) and do only this: create the partition of one month
+# of one of the sink's partitioned tables, and drop whole months older than a time. Both pin search_path so
+# the caller's cannot reach into them, and refuse any other table. Names and bounds as partition_ddl().
+PARTITION_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION {schema}.create_month_partition(tbl text, month timestamptz) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s timestamp := date_trunc('month', month AT TIME ZONE 'UTC');
+    part text;
+BEGIN
+    IF tbl NOT IN ({tables}) THEN
+        RAISE EXCEPTION 'not a partitioned table of the sink: %', tbl USING ERRCODE = '42501';
+    END IF;
+    part := tbl || '_y' || to_char(s, 'YYYY') || 'm' || to_char(s, 'MM');
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.%I FOR VALUES FROM (%L) TO (%L)',
+                   {schema_text}, part, {schema_text}, tbl,
+                   s AT TIME ZONE 'UTC', (s + interval '1 month') AT TIME ZONE 'UTC');
+    RETURN part;
+END $$;
+CREATE OR REPLACE FUNCTION {schema}.drop_months_before(tbl text, older_than timestamptz) RETURNS SETOF text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    part name;
+BEGIN
+    IF tbl NOT IN ({tables}) THEN
+        RAISE EXCEPTION 'not a partitioned table of the sink: %', tbl USING ERRCODE = '42501';
+    END IF;
+    FOR part IN
+        SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace
+        WHERE n.nspname = {schema_text} AND p.relname = tbl
+          AND c.relname ~ ('^' || tbl || '_y[0-9]{{4}}m[0-9]{{2}}$')
+        ORDER BY 1
+    LOOP
+        -- a month goes once all of it is older than the retention (as drop_old_partitions says)
+        IF (to_date(right(part, 7), 'YYYY"m"MM') + interval '1 month') AT TIME ZONE 'UTC' <= older_than THEN
+            EXECUTE format('DROP TABLE %I.%I', {schema_text}, part);
+            RETURN NEXT part;
+        END IF;
+    END LOOP;
+END $$;
+REVOKE ALL ON FUNCTION {schema}.create_month_partition(text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.drop_months_before(text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.create_month_partition(text, timestamptz) TO {writer};
+GRANT EXECUTE ON FUNCTION {schema}.drop_months_before(text, timestamptz) TO {writer};
+"""
+
+
+def has_partition_functions(conn: psycopg.Connection, schema: str) -> bool:
+    """Whether ``deploy`` made the partition functions here (schemas of earlier versions lack them)."""
+    row = conn.execute(
+        "SELECT to_regprocedure(%s)", (f'"{schema}".create_month_partition(text, timestamptz)',)
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def timescale_status(dsn: str) -> tuple[bool, str | None]:
     """Try to enable TimescaleDB: (True, None), or (False, why not, with the fix where there is one).
 
@@ -281,7 +338,21 @@ def create_schema(
             conn.execute(sql.SQL(ALARM_HEALTH.format(schema="{schema}")).format(schema=ident))
         conn.execute(sql.SQL(OFFSETS.format(schema="{schema}")).format(schema=ident))
         tenancy.protect(conn, schema, tables)
+        create_partition_functions(conn, schema)
+        tenancy.grant_runtime(conn, schema, tables)
     return out
+
+
+def create_partition_functions(conn: psycopg.Connection, schema: str) -> None:
+    """The owner's functions through which the writer role creates and drops monthly partitions."""
+    conn.execute(
+        sql.SQL(PARTITION_FUNCTIONS).format(
+            schema=sql.Identifier(schema),
+            schema_text=sql.Literal(schema),
+            tables=sql.SQL(", ").join(map(sql.Literal, TABLES)),
+            writer=sql.Identifier(tenancy.writer_role(schema)),
+        )
+    )
 
 
 def is_hypertable(conn: psycopg.Connection, schema: str, table: str) -> bool:
@@ -468,6 +539,17 @@ def drop_old_partitions(conn: psycopg.Connection, schema: str, table: str, older
     A month is dropped only once all of it is older than the retention, so rows are kept at least as long
     as asked (up to a month longer), as TimescaleDB keeps whole chunks.
     """
+    if has_partition_functions(conn, schema):  # the same, as the owner: the writer role may not DROP
+        names = [
+            r[0]
+            for r in conn.execute(
+                sql.SQL("SELECT * FROM {}.drop_months_before(%s, %s)").format(sql.Identifier(schema)),
+                (table, older_than),
+            ).fetchall()
+        ]
+        for name in names:
+            log.info("retention: dropped %s.%s", schema, name)
+        return names
     dropped = []
     rows = conn.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "

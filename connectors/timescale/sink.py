@@ -18,6 +18,7 @@ import psycopg
 from connectors.common.sink import Entry, Refused, WriteResult
 from connectors.timescale.rows import ROWS
 from connectors.timescale.schema import create_schema, enforce_retention, refresh_hours
+from connectors.timescale.tenancy import runtime_roles
 from connectors.timescale.writer import PostgresWriter, Record
 
 log = logging.getLogger("plantstream.postgres")
@@ -53,8 +54,10 @@ class PostgresSinkWriter:
         retention_ms: int | None,
         consumer: str,
         timescale: bool = True,
+        admin_dsn: str | None = None,
     ) -> None:
         self.sink_id, self.dsn, self.schema, self.retention = sink_id, dsn, schema, retention_ms
+        self.admin_dsn = admin_dsn or dsn  # deploy's: it creates what the runtime role may only use
         self.timescale = timescale
         self.writer = PostgresWriter(dsn, schema, consumer=consumer)
         self._retention_due = 0.0  # monotonic time of the next retention pass
@@ -64,7 +67,7 @@ class PostgresSinkWriter:
     def deploy(self, tables: Sequence[str], say: Callable[[str], None]) -> dict[str, str]:
         retention = self.retention
         kinds = create_schema(
-            self.dsn,
+            self.admin_dsn,
             self.schema,
             tuple(sorted(set(tables))),
             retention_days=max(1, retention // DAY_MS) if retention else None,
@@ -73,13 +76,22 @@ class PostgresSinkWriter:
         )
         for table, kind in kinds.items():
             say(f"sink {self.sink_id}: table {self.schema}.{table} ready ({kind})")
+        roles = runtime_roles(self.schema)
+        say(
+            f"sink {self.sink_id}: runtime roles {roles['writer']} (writes; use it in the sink's dsn) and "
+            f"{roles['readonly']} (reads every row; dashboards); set a password with "
+            "`plantstream db password writer|readonly -t TOPOLOGY` (from $PLANTSTREAM_ROLE_PASSWORD or asked)"
+        )
         if retention:
-            self._retain(tuple(kinds), say)
+            self._retain(tuple(kinds), say, self.admin_dsn)
         return kinds
 
-    def _retain(self, tables: tuple[str, ...], say: Callable[[str], None] = log.info) -> None:
+    def _retain(
+        self, tables: tuple[str, ...], say: Callable[[str], None] = log.info, dsn: str | None = None
+    ) -> None:
         assert self.retention
-        for table, dropped in enforce_retention(self.dsn, self.schema, tables, self.retention).items():
+        dropped_by = enforce_retention(dsn or self.dsn, self.schema, tables, self.retention)
+        for table, dropped in dropped_by.items():
             if dropped:
                 say(f"sink {self.sink_id}: retention dropped {len(dropped)} partition(s) of {table}")
                 self.writer.forget_partitions(table)
@@ -100,7 +112,7 @@ class PostgresSinkWriter:
                     seen.add((rec.partition, rec.offset))
                     out.refused.append(Refused(rec.partition, rec.offset, rec.source, reason))
         self._written_tables.add(table)
-        if table == "agg_1m" and records and await asyncio.to_thread(self._has_rollup):
+        if table == "agg_1m" and records and await asyncio.to_thread(self._can_refresh):
             hours = {r.row[0].replace(minute=0, second=0, microsecond=0) for r in records}
             try:
                 await asyncio.to_thread(refresh_hours, self.dsn, self.schema, sorted(hours))
@@ -111,11 +123,27 @@ class PostgresSinkWriter:
             await asyncio.to_thread(self._retain, tuple(sorted(self._written_tables)))
         return out
 
-    def _has_rollup(self) -> bool:
+    def _can_refresh(self) -> bool:
+        """Whether agg_1h is a continuous aggregate here that this sink's role may refresh.
+
+        TimescaleDB lets only the owner refresh, and not from inside a function, so a SECURITY DEFINER
+        wrapper cannot do it for the writer role: running as that role, the sink leaves rewritten hours to
+        the refresh policy (every 10 minutes; newer hours are computed on read either way)."""
         if self._rollup is None:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
-                row = conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.agg_1h_rollup",)).fetchone()
-            self._rollup = bool(row and row[0])
+                row = conn.execute(
+                    "SELECT c.oid IS NOT NULL, pg_has_role(current_user, c.relowner, 'USAGE') "
+                    "FROM (SELECT to_regclass(%s) AS oid) r LEFT JOIN pg_class c ON c.oid = r.oid",
+                    (f'"{self.schema}".agg_1h_rollup',),
+                ).fetchone()
+            exists, owned = bool(row and row[0]), bool(row and row[1])
+            if exists and not owned:
+                log.info(
+                    "agg_1h: this sink's role does not own %s.agg_1h_rollup; hours rewritten below the "
+                    "materialized horizon are refreshed by its policy (within 10 minutes)",
+                    self.schema,
+                )
+            self._rollup = exists and owned
         return self._rollup
 
     def forget(self, partitions: Sequence[int]) -> None:

@@ -2,7 +2,11 @@
 
 A tenant owns sites (``tenant_sites``; a site belongs to one tenant). Three kinds of role read the data:
 
-* the **owner** (the sink's role, which created the tables) sees and writes everything;
+* the **owner** (the role ``deploy`` runs as, which created the tables) sees and writes everything;
+* the **runtime roles** see every row too, with only the privileges their work needs: ``<schema>_writer``
+  (what the sink's ``dsn`` logs in as: reads and upserts the data tables and ``sink_offsets``, creates
+  monthly partitions and drops old ones only through the owner's SECURITY DEFINER functions; no DDL) and
+  ``<schema>_readonly`` (SELECT on the data tables and views, for dashboards);
 * a **tenant role** (a login role mapped to one tenant in ``tenant_roles``, e.g. for Grafana or direct SQL)
   sees the rows of its tenant's sites only;
 * the **API role** ``<schema>_api`` (no login; ``plantstream serve`` switches to it with ``SET LOCAL ROLE``)
@@ -56,7 +60,8 @@ CREATE TABLE IF NOT EXISTS {schema}.api_tokens (
     revoked_at  timestamptz
 );
 CREATE OR REPLACE FUNCTION {schema}.sees_all() RETURNS boolean LANGUAGE sql STABLE AS
-$$ SELECT pg_has_role(current_user, {owner}, 'MEMBER') $$;
+$$ SELECT pg_has_role(current_user, {owner}, 'MEMBER') OR pg_has_role(current_user, {writer}, 'MEMBER')
+          OR pg_has_role(current_user, {readonly}, 'MEMBER') $$;
 CREATE OR REPLACE FUNCTION {schema}.current_tenant() RETURNS text LANGUAGE sql STABLE AS
 $$ SELECT CASE WHEN r.tenant IS NULL THEN nullif(current_setting('plantstream.tenant', true), '')
                ELSE r.tenant END
@@ -98,6 +103,28 @@ def reader_role(schema: str) -> str:
     return f"{schema}_reader"
 
 
+def writer_role(schema: str) -> str:
+    """The login role a sink writes as at runtime (its ``dsn``): DML on the sink's tables, no DDL."""
+    return f"{schema}_writer"
+
+
+def readonly_role(schema: str) -> str:
+    """A login role that reads every row of the sink's tables and views and writes nothing (dashboards).
+    Not ``<schema>_reader``: that one is the tenant roles' group, which must not read the base tables."""
+    return f"{schema}_readonly"
+
+
+def runtime_roles(schema: str) -> dict[str, str]:
+    """The runtime login roles of ``schema`` by kind (``plantstream db password KIND``)."""
+    return {"writer": writer_role(schema), "readonly": readonly_role(schema)}
+
+
+# What the writer does to each kind of relation (connectors/timescale/writer.py): SELECT for the staging
+# table's LIKE, the ON CONFLICT upserts and the offsets' FOR UPDATE; INSERT and UPDATE for the upserts.
+# No DELETE, TRUNCATE or DDL: partitions come and go through the functions in schema.py.
+WRITER_PRIVILEGES = "SELECT, INSERT, UPDATE"
+
+
 def _x(conn: psycopg.Connection, text: str, schema: str, **more: sql.Composable) -> None:
     conn.execute(sql.SQL(text).format(schema=sql.Identifier(schema), **more))
 
@@ -114,7 +141,23 @@ def ensure_base(conn: psycopg.Connection, schema: str) -> None:
     """The tenancy tables and functions (before the views that use them); ``conn`` is the owner's."""
     owner = conn.execute("SELECT current_user").fetchone()
     assert owner is not None
-    _x(conn, BASE, schema, owner=sql.Literal(owner[0]))
+    # The runtime roles before sees_all(), which names them.
+    for role in runtime_roles(schema).values():
+        if not _role_exists(conn, role):
+            # LOGIN without a password: nobody logs in as it until `plantstream db password` sets one.
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(
+                    sql.Identifier(role)
+                )
+            )
+    _x(
+        conn,
+        BASE,
+        schema,
+        owner=sql.Literal(owner[0]),
+        writer=sql.Literal(writer_role(schema)),
+        readonly=sql.Literal(readonly_role(schema)),
+    )
     _x(conn, SOURCE_SITE, schema)
 
 
@@ -169,6 +212,41 @@ def protect(conn: psycopg.Connection, schema: str, tables: tuple[str, ...]) -> N
         _x(conn, f"GRANT SELECT ON {{v}}.{name} TO {{r}}", schema, v=sql.Identifier(views), r=r)
 
 
+# Relations the read-only role reads besides the data tables (when they exist).
+READONLY_EXTRA = ("agg_1h", "alarm_health", "sink_offsets")
+
+
+def grant_runtime(conn: psycopg.Connection, schema: str, tables: tuple[str, ...]) -> None:
+    """Privileges of the runtime roles on ``tables`` of ``schema`` (after :func:`protect`); idempotent.
+    ``conn`` is the owner's."""
+    w, ro = sql.Identifier(writer_role(schema)), sql.Identifier(readonly_role(schema))
+    _x(conn, "GRANT USAGE ON SCHEMA {schema} TO {w}, {ro}", schema, w=w, ro=ro)
+    for table in (*tables, "sink_offsets"):
+        if not _relation_exists(conn, schema, table):
+            continue
+        t = sql.Identifier(table)
+        _x(conn, f"GRANT {WRITER_PRIVILEGES} ON {{schema}}.{{t}} TO {{w}}", schema, t=t, w=w)
+        _x(conn, "GRANT SELECT ON {schema}.{t} TO {ro}", schema, t=t, ro=ro)
+    for name in READONLY_EXTRA:
+        if _relation_exists(conn, schema, name):
+            _x(conn, "GRANT SELECT ON {schema}.{t} TO {ro}", schema, t=sql.Identifier(name), ro=ro)
+    # The tenant policies on the data tables call visible_sites() as the caller, which reads these: without
+    # SELECT a statement fails while planning, even though sees_all() already lets the role through.
+    for table in MAPPING_POLICIES:
+        _x(conn, "GRANT SELECT ON {schema}.{t} TO {w}, {ro}", schema, t=sql.Identifier(table), w=w, ro=ro)
+    # A second guard beside the grants: a dashboard's connection cannot write even where someone granted more.
+    conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(ro))
+
+
+def set_password(conn: psycopg.Connection, role: str, password: str) -> None:
+    """Set (or change) a login role's password. libpq hashes it here (SCRAM-SHA-256), so the password
+    itself never reaches the server, its statement log or ``pg_stat_activity``."""
+    if not _role_exists(conn, role):
+        raise ValueError(f"no role {role!r} in this database; run plantstream deploy first")
+    verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+    conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
+
+
 def _protect(conn: psycopg.Connection, schema: str, table: str, tenant_rows: str) -> bool:
     """Forced row-level security on ``table``: the owner everything, tenants ``tenant_rows``. False where
     the table cannot have it (a TimescaleDB hypertable with compression)."""
@@ -197,7 +275,7 @@ def _protect(conn: psycopg.Connection, schema: str, table: str, tenant_rows: str
 def drop(conn: psycopg.Connection, schema: str) -> None:
     """Undo :func:`protect` beyond the schema itself: the tenant views and the roles made for ``schema``
     (its reader and API roles, and the tenant roles mapped in it). Before ``DROP SCHEMA``."""
-    roles = [reader_role(schema), api_role(schema)]
+    roles = [reader_role(schema), api_role(schema), *runtime_roles(schema).values()]
     if _relation_exists(conn, schema, "tenant_roles"):
         roles += [
             r[0]
@@ -210,6 +288,13 @@ def drop(conn: psycopg.Connection, schema: str) -> None:
     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant_schema(schema))))
     for role in roles:
         if _role_exists(conn, role):
+            # DROP OWNED needs the role's privileges: a CREATEROLE owner that is no superuser takes them.
+            conn.execute(
+                sql.SQL(
+                    "DO $$ BEGIN IF NOT pg_has_role(current_user, {r}, 'MEMBER') THEN "
+                    "EXECUTE format('GRANT %I TO %I', {r}, current_user); END IF; END $$"
+                ).format(r=sql.Literal(role))
+            )
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
@@ -290,7 +375,7 @@ def grant_role(conn: psycopg.Connection, schema: str, tenant: str, role: str, pa
     if not _role_exists(conn, role):
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(r))
     if password is not None:
-        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(r, sql.Literal(password)))
+        set_password(conn, role, password)
     conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(reader_role(schema)), r))
     conn.execute(
         sql.SQL(

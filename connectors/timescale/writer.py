@@ -203,6 +203,7 @@ class PostgresWriter:
         self._partitions_known: set[tuple[str, datetime]] = set()
         self._partitioned: dict[str, bool] = {}
         self._staged: set[str] = set()
+        self._partition_function: bool | None = None  # deploy made schema.create_month_partition
 
     def forget_partitions(self, table: str) -> None:
         """After partitions were dropped: create them again if data for them still comes."""
@@ -312,6 +313,13 @@ class PostgresWriter:
                     (self.schema, table),
                 )
                 row = await cur.fetchone()
+                if row is not None and row[0] == "p" and self._partition_function is None:
+                    await cur.execute(
+                        "SELECT to_regprocedure(%s)",
+                        (f'"{self.schema}".create_month_partition(text, timestamptz)',),
+                    )
+                    fn = await cur.fetchone()
+                    self._partition_function = bool(fn and fn[0])
             await conn.commit()
             if row is None:
                 return  # not there (renamed away, not deployed): the write fails and is retried; nothing kept
@@ -325,7 +333,13 @@ class PostgresWriter:
             # A partition takes a lock on the table that queues every reader behind it while it waits (a
             # long dashboard query): wait 2 s at most, then retry the batch (55P03 is not about the rows).
             await conn.execute("SET LOCAL lock_timeout = '2s'")
-            await conn.execute(partition_ddl(self.schema, table, m))
+            if self._partition_function:  # as the owner: the writer role may not run DDL itself
+                await conn.execute(
+                    sql.SQL("SELECT {}.create_month_partition(%s, %s)").format(sql.Identifier(self.schema)),
+                    (table, m),
+                )
+            else:  # a schema deployed before the function existed: the sink's role owns the tables
+                await conn.execute(partition_ddl(self.schema, table, m))
             await conn.commit()
             self._partitions_known.add((table, m))
 
