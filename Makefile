@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # it, an installed plantstream uses the per-user $XDG_STATE_HOME/plantstream (~/.local/state/plantstream).
 export PLANTSTREAM_LOCAL_DIR ?= $(CURDIR)/.local
 
-.PHONY: setup test test-unit test-integration test-e2e demo bench lint format typecheck services-up services-down services-status clean
+.PHONY: setup test test-unit test-integration test-e2e faults demo bench lint format typecheck services-up services-down services-status clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ services-status:
 
 ## test: everything — unit, integration (real services), end to end
 test: services-up
-	$(PY) -m pytest tests/unit tests/integration tests/e2e -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/faults -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
@@ -43,6 +43,10 @@ test-integration: services-up
 
 test-e2e: services-up
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+## faults: the fault-injection suite at full length (ten-minute outages; about an hour); `make test` runs it short
+faults: services-up
+	PLANTSTREAM_FAULTS=full $(PY) -m pytest tests/faults -v -p no:cacheprovider $(PYTEST_ARGS)
 
 ## demo: services, the demo topology, simulator + connector + worker, and a live table of aggregates
 demo: services-up

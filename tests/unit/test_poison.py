@@ -44,9 +44,14 @@ class FakeStage:
         self.position: dict[int, int] = {}
         self.last_data: dict[int, float] = {}
         self.owned = {0}
+        self.blind = False
+        self.broker_back_at = 0.0
 
     def behind(self, p: int) -> bool:
         return False
+
+    def deliver(self) -> None:
+        self.outbox.flush_sync()
 
 
 class Msg:

@@ -1,0 +1,21 @@
+"""The fault-injection suite. ``make test`` runs each scenario short; ``make faults`` runs them at the
+lengths of the operations figures (``PLANTSTREAM_FAULTS=full``): ten-minute outages, kills for ten minutes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+FULL = os.environ.get("PLANTSTREAM_FAULTS", "").strip().lower() == "full"
+
+
+def length(short: float, full: float) -> float:
+    """Seconds of a fault: ``short`` in ``make test``, ``full`` in ``make faults``."""
+    return full if FULL else short
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/faults/" in str(item.fspath):
+            item.add_marker(pytest.mark.faults)

@@ -1,0 +1,107 @@
+"""Private instances of the local services for tests that stop, restart or break them.
+
+The shared services (``make services-up``) stay untouched: each private set has its own state directory and
+free ports, and is started and stopped through ``plantstream services`` in a child process, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Which environment variable gives each private port (see localservices.harness.ports_from_env).
+_PORTS = {
+    "kafka": ("PLANTSTREAM_KAFKA_PORT", "PLANTSTREAM_KAFKA_CONTROLLER_PORT", "PLANTSTREAM_KAFKA_SASL_PORT"),
+    "postgres": ("PLANTSTREAM_PG_PORT",),
+    "mosquitto": ("PLANTSTREAM_MQTT_PORT",),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Private:
+    """``names`` on free ports under ``root``; :meth:`down` / :meth:`up` stop and start one of them."""
+
+    def __init__(self, root: Path, names: list[str]) -> None:
+        self.root, self.names = root, names
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PLANTSTREAM_")}
+        self.env["PLANTSTREAM_LOCAL_DIR"] = str(root)
+        for name in names:
+            for var in _PORTS[name]:
+                self.env[var] = str(free_port())
+
+    def _services(self, verb: str, *names: str, timeout: float = 180) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "services", verb, *names],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, f"services {verb} {names}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+
+    def up(self, *names: str) -> None:
+        self._services("up", *(names or self.names))
+
+    def down(self, *names: str) -> None:
+        self._services("down", *(names or self.names))
+
+    def connection(self) -> dict[str, str]:
+        """PLANTSTREAM_KAFKA, PLANTSTREAM_PG_DSN, PLANTSTREAM_MQTT_URL of the private set."""
+        from localservices import harness
+
+        saved = dict(os.environ)
+        try:
+            os.environ.update({k: v for k, v in self.env.items() if k.startswith("PLANTSTREAM_")})
+            return harness.connection_env()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@contextmanager
+def private(tmp: Path, *names: str) -> Iterator[Private]:
+    services = Private(tmp, list(names))
+    services.up()
+    try:
+        yield services
+    finally:
+        services.down()
+
+
+def child_env(**over: str) -> dict[str, str]:
+    """The test's environment with the given PLANTSTREAM_* settings: a topology's addresses are overridden
+    by PLANTSTREAM_KAFKA, PLANTSTREAM_PG_DSN and PLANTSTREAM_MQTT_URL: a child must get the private ones."""
+    env = dict(os.environ)
+    env.update(over)
+    return env
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``plantstream ARGS`` as a child process, its output in ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def deploy(topo_file: Path, env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "deploy", str(topo_file)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
