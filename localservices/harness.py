@@ -27,6 +27,7 @@ import importlib.resources
 import json
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import signal
@@ -67,9 +68,16 @@ PG_USER = "plantstream"
 PG_PASSWORD = "plantstream"
 PG_DATABASE = "plantstream"
 PG_SUPERUSER = "postgres"
+#: The CA certificate the local PostgreSQL's server certificate is signed with, under its service directory
+#: (``connection_env()`` gives its path as ``PLANTSTREAM_PG_CA``, for ``sslmode=verify-full``).
+PG_CA_FILE = Path("tls") / "ca.crt"
 INFLUX_DATABASE = "plantstream"
 
 LOG_TAIL_LINES = 20
+#: SCRAM users of the local Kafka's SASL_SSL listener: the pipeline, the issuer of BACnet write commands,
+#: and a super user for deploy (topics and ACLs). Their passwords: :func:`kafka_security_env`.
+KAFKA_ADMIN_USER = "admin"
+KAFKA_SCRAM_USERS = ("plantstream", "commander", KAFKA_ADMIN_USER)
 
 
 class ServiceError(RuntimeError):
@@ -83,6 +91,7 @@ class ServiceError(RuntimeError):
 class Ports:
     kafka: int = 9092
     kafka_controller: int = 9093
+    kafka_sasl: int = 9094
     postgres: int = 55432
     mosquitto: int = 1883
     influxdb: int = 8086
@@ -105,6 +114,7 @@ class ServiceStatus:
 _PORT_ENV = {
     "kafka": "PLANTSTREAM_KAFKA_PORT",
     "kafka_controller": "PLANTSTREAM_KAFKA_CONTROLLER_PORT",
+    "kafka_sasl": "PLANTSTREAM_KAFKA_SASL_PORT",
     "postgres": "PLANTSTREAM_PG_PORT",
     "mosquitto": "PLANTSTREAM_MQTT_PORT",
     "influxdb": "PLANTSTREAM_INFLUX_PORT",
@@ -139,10 +149,28 @@ def connection_env(ports: Ports | None = None) -> dict[str, str]:
     return {
         "PLANTSTREAM_KAFKA": f"127.0.0.1:{p.kafka}",
         "PLANTSTREAM_PG_DSN": _pg_dsn(p),
+        "PLANTSTREAM_PG_CA": str(local_dir() / "postgres" / PG_CA_FILE),
         "PLANTSTREAM_MQTT_URL": f"mqtt://127.0.0.1:{p.mosquitto}",
         "PLANTSTREAM_INFLUX_URL": f"http://127.0.0.1:{p.influxdb}",
         "PLANTSTREAM_INFLUX_DB": INFLUX_DATABASE,
         "PLANTSTREAM_INFLUX2_URL": f"http://127.0.0.1:{p.influxdb18}",
+    }
+
+
+def kafka_security_env(ports: Ports | None = None, root: Path | None = None) -> dict[str, str]:
+    """Environment variables for a topology on the local Kafka's SASL_SSL listener (``broker.security``):
+    its address, the CA file and each SCRAM user's password. Available once ``up(['kafka'])`` ran."""
+    kafka = _Kafka(root or local_dir(), ports or ports_from_env())
+    users = kafka.scram_users()
+    return {
+        "PLANTSTREAM_KAFKA_SASL": kafka.sasl_endpoint(),
+        "PLANTSTREAM_KAFKA_CA": str(kafka.ca_file),
+        "PLANTSTREAM_KAFKA_USERNAME": "plantstream",
+        "PLANTSTREAM_KAFKA_PASSWORD": users["plantstream"],
+        "PLANTSTREAM_KAFKA_COMMANDS_USERNAME": "commander",
+        "PLANTSTREAM_KAFKA_COMMANDS_PASSWORD": users["commander"],
+        "PLANTSTREAM_KAFKA_ADMIN_USERNAME": KAFKA_ADMIN_USER,
+        "PLANTSTREAM_KAFKA_ADMIN_PASSWORD": users[KAFKA_ADMIN_USER],
     }
 
 
@@ -729,6 +757,12 @@ class _Kafka(_Service):
         self.log4j = self.dir / "log4j2.properties"
         self.cluster_id_file = self.dir / "cluster-id"
         self.maven_dir = self.dir / "maven"
+        self.tls_dir = self.dir / "tls"
+        self.ca_file = self.tls_dir / "ca.pem"
+        self.keystore = (
+            self.tls_dir / "server-keystore.pem"
+        )  # key (PKCS#8) and certificate, ssl.keystore.type=PEM
+        self.users_file = self.tls_dir / "scram-users.json"
 
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.ports.kafka}"
@@ -737,10 +771,88 @@ class _Kafka(_Service):
         return self.endpoint()
 
     def listen_ports(self) -> list[int]:
-        return [self.ports.kafka, self.ports.kafka_controller]
+        return [self.ports.kafka, self.ports.kafka_controller, self.ports.kafka_sasl]
 
     def marker(self) -> str:
         return str(self.config)
+
+    def sasl_endpoint(self) -> str:
+        return f"127.0.0.1:{self.ports.kafka_sasl}"
+
+    def scram_users(self) -> dict[str, str]:
+        """{user: password} of the SASL_SSL listener, made up once per local directory (file mode 0600)."""
+        try:
+            users: dict[str, str] = json.loads(self.users_file.read_text())
+            if set(users) == set(KAFKA_SCRAM_USERS):
+                return users
+        except (OSError, ValueError):
+            pass
+        users = {name: secrets.token_urlsafe(18) for name in KAFKA_SCRAM_USERS}
+        _write_text(self.users_file, json.dumps(users, indent=1) + "\n", mode=0o600)
+        return users
+
+    def ensure_tls(self, progress: Progress) -> None:
+        """A local CA and a server certificate for 127.0.0.1 and localhost, made once with openssl."""
+        if self.ca_file.exists() and self.keystore.exists():
+            return
+        if shutil.which("openssl") is None:
+            raise ServiceError(
+                "kafka: no 'openssl' on PATH to make the SASL_SSL listener's certificates; "
+                "apt-get install openssl"
+            )
+        progress(f"kafka: making a local CA and a server certificate in {self.tls_dir}")
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.tls_dir, 0o700)
+        log, d = self.dir / "tls.log", self.tls_dir
+        ca_key, key, csr, crt, ext = (
+            d / "ca.key",
+            d / "server.key",
+            d / "server.csr",
+            d / "server.crt",
+            d / "san.ext",
+        )
+        _write_text(ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        steps = [
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(ca_key),
+                "-out",
+                str(self.ca_file),
+                "-days",
+                "3650",
+                "-subj",
+                "/CN=plantstream local CA",
+            ],
+            ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)],
+            ["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(self.ca_file),
+                "-CAkey",
+                str(ca_key),
+                "-CAcreateserial",
+                "-out",
+                str(crt),
+                "-days",
+                "3650",
+                "-extfile",
+                str(ext),
+            ],
+        ]
+        for cmd in steps:
+            _run("kafka", "making the TLS certificates (openssl)", cmd, cwd=d, log_file=log, timeout=120)
+        _write_text(self.keystore, key.read_text() + crt.read_text(), mode=0o600)
 
     def config_files(self) -> dict[Path, str]:
         return {self.config: self._server_properties(), self.log4j: self._log4j_properties()}
@@ -833,8 +945,32 @@ class _Kafka(_Service):
             return "metadata response lists no brokers yet"
         return None
 
+    def provision(self, progress: Progress) -> None:
+        """Create (or reset) the SCRAM users through the PLAINTEXT listener; idempotent, on every start, so
+        storage formatted before the SASL_SSL listener existed gets them too."""
+        from confluent_kafka.admin import (
+            AdminClient,
+            ScramCredentialInfo,
+            ScramMechanism,
+            UserScramCredentialUpsertion,
+        )
+
+        client = AdminClient({"bootstrap.servers": self.endpoint(), "log_level": 0})
+        # One request per mechanism: a request may change each user's credentials only once.
+        for mech in (ScramMechanism.SCRAM_SHA_256, ScramMechanism.SCRAM_SHA_512):
+            upserts = [
+                UserScramCredentialUpsertion(user, ScramCredentialInfo(mech, 8192), password.encode())
+                for user, password in self.scram_users().items()
+            ]
+            for user, fut in client.alter_user_scram_credentials(upserts).items():
+                try:
+                    fut.result(30)
+                except Exception as exc:  # any failure is a failed start, reported with the log
+                    raise self.error(f"creating the SCRAM user {user} failed: {exc}") from exc
+        progress(f"kafka: SASL_SSL on {self.sasl_endpoint()} with users {', '.join(KAFKA_SCRAM_USERS)}")
+
     def _server_properties(self) -> str:
-        p = self.ports
+        p, sasl = self.ports, "listener.name.sasl_ssl"
         # A static single-voter quorum (controller.quorum.voters) rather than a dynamic one formatted with
         # --standalone: the dynamic form records the controller endpoint in the metadata log, so a later
         # change of PLANTSTREAM_KAFKA_CONTROLLER_PORT would leave the node unable to find its own quorum.
@@ -842,11 +978,24 @@ class _Kafka(_Service):
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{p.kafka_controller}
-listeners=PLAINTEXT://127.0.0.1:{p.kafka},CONTROLLER://127.0.0.1:{p.kafka_controller}
-advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka}
+listeners=PLAINTEXT://127.0.0.1:{p.kafka},CONTROLLER://127.0.0.1:{p.kafka_controller},SASL_SSL://127.0.0.1:{p.kafka_sasl}
+advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka},SASL_SSL://127.0.0.1:{p.kafka_sasl}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+# SASL_SSL: SCRAM users (created at start) over TLS with a local CA. The PLAINTEXT listener's principal
+# (User:ANONYMOUS) stays a super user so development and tests on it are unaffected; a production broker has
+# no such listener.
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
+{sasl}.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
+{sasl}.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+{sasl}.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+{sasl}.ssl.keystore.type=PEM
+{sasl}.ssl.keystore.location={self.keystore}
+{sasl}.ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS;User:{KAFKA_ADMIN_USER}
+allow.everyone.if.no.acl.found=false
 log.dirs={self.data}
 num.partitions=4
 default.replication.factor=1
@@ -911,6 +1060,7 @@ logger.clients.level = WARN
         if not self._jars("kafka_2.13-*.jar"):
             raise ServiceError(f"kafka: no kafka_2.13 jar in {self.libs}; run install(['kafka'])")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_tls(progress)
         self.write_configs()
         base = [java, "-Xmx512m", f"-Dlog4j2.configurationFile={self.log4j}", "-cp", self._classpath()]
         if not (self.data / "meta.properties").exists():
@@ -982,6 +1132,9 @@ class _Postgres(_Service):
         self.data = self.dir / "data"
         self.out_file = self.log_file
         self.admin_log = self.dir / "admin.log"
+        self.tls_dir = self.dir / "tls"
+        self.ca_file = self.dir / PG_CA_FILE
+        self.hba_file = self.data / "plantstream_hba.conf"
         sock = self.dir / "sock"
         # A Unix socket path is limited to 107 bytes; fall back to /tmp for deep checkouts.
         self.sock = sock if len(f"{sock}/.s.PGSQL.{ports.postgres}") < 100 else Path("/tmp")
@@ -999,7 +1152,81 @@ class _Postgres(_Service):
         return str(self.data)
 
     def config_files(self) -> dict[Path, str]:
-        return {self.data / "plantstream.conf": self._settings()}
+        return {self.data / "plantstream.conf": self._settings(), self.hba_file: self._hba()}
+
+    def _hba(self) -> str:
+        # Unix socket: the harness's own superuser connections (the socket directory is the OS user's only).
+        # TCP: password (SCRAM) over TLS; plain TCP stays allowed so that DSNs without sslmode (libpq's
+        # default is prefer, which takes TLS when offered) and sslmode=disable keep working.
+        return """# Written by localservices/harness.py on every start; edits are overwritten.
+local    all          all                    trust
+hostssl  all          all  127.0.0.1/32      scram-sha-256
+hostssl  all          all  ::1/128           scram-sha-256
+host     all          all  127.0.0.1/32      scram-sha-256
+host     all          all  ::1/128           scram-sha-256
+local    replication  all                    trust
+"""
+
+    def ensure_tls(self, user: str, progress: Progress) -> None:
+        """A local CA and a server certificate for 127.0.0.1 and localhost, made once with openssl; the
+        key readable by the server's OS user only, as PostgreSQL requires."""
+        d, crt, key = self.tls_dir, self.tls_dir / "server.crt", self.tls_dir / "server.key"
+        if not (self.ca_file.exists() and crt.exists() and key.exists()):
+            if shutil.which("openssl") is None:
+                raise self.error(
+                    "no 'openssl' on PATH to make the server certificate; apt-get install openssl"
+                )
+            progress(f"postgres: making a local CA and a server certificate in {d}")
+            d.mkdir(parents=True, exist_ok=True)
+            log, ca_key, csr, ext = self.dir / "tls.log", d / "ca.key", d / "server.csr", d / "san.ext"
+            _write_text(
+                ext, "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+            )
+            out_ca = [
+                "-out",
+                str(self.ca_file),
+                "-days",
+                "3650",
+                "-subj",
+                "/CN=plantstream local PostgreSQL CA",
+            ]
+            sign = ["-CAcreateserial", "-out", str(crt), "-days", "3650", "-extfile", str(ext)]
+            steps = [
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), *out_ca],
+                [
+                    "openssl",
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                    str(key),
+                ],
+                ["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+                [
+                    "openssl",
+                    "x509",
+                    "-req",
+                    "-in",
+                    str(csr),
+                    "-CA",
+                    str(self.ca_file),
+                    "-CAkey",
+                    str(ca_key),
+                    *sign,
+                ],
+            ]
+            for cmd in steps:
+                _run(
+                    "postgres", "making the TLS certificates (openssl)", cmd, cwd=d, log_file=log, timeout=120
+                )
+        os.chmod(d, 0o755)  # clients read ca.crt; the keys are 0600
+        for path, mode in ((key, 0o600), (d / "ca.key", 0o600), (crt, 0o644), (self.ca_file, 0o644)):
+            if path.exists():
+                os.chmod(path, mode)
+        _chown(key, user)
+        _chown(crt, user)
 
     # -- TimescaleDB: an installed one, else built from the vendored source archive, preloaded ----------
     def timescale_library(self) -> Path:
@@ -1112,12 +1339,15 @@ class _Postgres(_Service):
 
     def provision(self, progress: Progress) -> None:
         import psycopg
+        from psycopg.conninfo import make_conninfo
 
         with psycopg.connect(self._superuser_conninfo(), autocommit=True, connect_timeout=5) as conn:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_USER,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
-            # Superuser so that tests can create schemas and try CREATE EXTENSION (timescaledb where present).
-            conn.execute(f"{verb} ROLE {PG_USER} WITH LOGIN SUPERUSER PASSWORD '{PG_PASSWORD}'")
+            # Not a superuser: it owns the database (so its schemas) and may create the sink's roles and
+            # tenant roles (CREATEROLE), nothing more. A cluster of earlier versions made it a superuser;
+            # this takes that back at its next start.
+            conn.execute(f"{verb} ROLE {PG_USER} WITH LOGIN NOSUPERUSER CREATEROLE PASSWORD '{PG_PASSWORD}'")
             if not exists:
                 progress(f"postgres: created role {PG_USER}")
             if (
@@ -1126,6 +1356,12 @@ class _Postgres(_Service):
             ):
                 conn.execute(f"CREATE DATABASE {PG_DATABASE} OWNER {PG_USER}")
                 progress(f"postgres: created database {PG_DATABASE}")
+        if self.timescale_library().exists():
+            # TimescaleDB is not a trusted extension: the superuser creates it, so that the sink's
+            # CREATE EXTENSION IF NOT EXISTS (as the non-superuser owner) finds it there and does nothing.
+            db = make_conninfo(self._superuser_conninfo(), dbname=PG_DATABASE)
+            with psycopg.connect(db, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
 
     def _settings(self) -> str:
         return f"""# Written by localservices/harness.py on every start; edits are overwritten.
@@ -1145,6 +1381,13 @@ log_line_prefix = '%m [%p] %q%u@%d '
 track_commit_timestamp = on
 log_timezone = 'UTC'
 timezone = 'UTC'
+hba_file = '{self.hba_file}'
+# TLS on TCP (sslmode=verify-full with the CA in {self.ca_file}); a client certificate is checked against the
+# same CA where one is sent.
+ssl = on
+ssl_cert_file = '{self.tls_dir / "server.crt"}'
+ssl_key_file = '{self.tls_dir / "server.key"}'
+ssl_ca_file = '{self.ca_file}'
 """ + (
             "# TimescaleDB must be preloaded before CREATE EXTENSION; it never calls home from here.\n"
             "shared_preload_libraries = 'timescaledb'\ntimescaledb.telemetry_level = off\n"
@@ -1199,6 +1442,7 @@ timezone = 'UTC'
         if include not in conf.read_text():
             with conf.open("a") as fh:
                 fh.write(f"\n# Settings for the plantstream local cluster\n{include}\n")
+        self.ensure_tls(user, progress)
         self.write_configs(mode=0o600)
         for path in self.config_files():
             _chown(path, user)

@@ -143,6 +143,30 @@ def deploy(
     out.print(f"[green]✓[/] deployed {topo.name}")
 
 
+MetricsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        help="HOST:PORT of /metrics and /health (port 0: a free port, logged; 'off': none); default: the "
+        "topology's metrics section",
+    ),
+]
+
+
+def _metrics_addr(value: str | None) -> str | None:
+    """The --metrics value, checked (None: the topology's)."""
+    from pipeline.core.metrics import parse_listen
+
+    if value is None:
+        return None
+    try:
+        parse_listen(value, "--metrics")
+    except ValueError as e:
+        console.print(f"[bold red]{e}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    return value
+
+
 @app.command()
 def worker(
     topology: TopologyArg,
@@ -150,13 +174,15 @@ def worker(
         str | None, typer.Option(help="names the consumer groups and state topics (default plantstream-NAME)")
     ] = None,
     loglevel: str = "warning",
+    metrics: MetricsOpt = None,
 ) -> None:
     """Run the stream stages: aggregates, latest values, loop KPIs, sinks."""
     from pipeline.worker import run as run_worker
 
+    listen = _metrics_addr(metrics)
     topo = _load(topology)
     _logging(loglevel)
-    run_worker(topo, app_id=app_id)
+    run_worker(topo, app_id=app_id, metrics=listen)
 
 
 @app.command()
@@ -164,10 +190,15 @@ def connect(
     topology: TopologyArg,
     source: Annotated[list[str] | None, typer.Option("--source", help="source id (default: all)")] = None,
     loglevel: str = "info",
+    metrics: MetricsOpt = None,
 ) -> None:
     """Run the source connectors: field protocols into telemetry.raw."""
+    from pipeline.core.metrics import SourceMetrics, start_server
+
+    listen = _metrics_addr(metrics)
     from connectors.common.producer import TelemetryProducer
     from connectors.registry import runner_for
+    from pipeline.core.kafka import client_config
 
     _logging(loglevel)
     topo = _load(topology)
@@ -182,7 +213,11 @@ def connect(
     runners = []
     for cfg in chosen:
         prod = TelemetryProducer(
-            topo.broker.bootstrap, topo.raw_topic, topo.dlq_topic, client_id=f"plantstream-{cfg.id}"
+            topo.broker.bootstrap,
+            topo.raw_topic,
+            topo.dlq_topic,
+            client_id=f"plantstream-{cfg.id}",
+            extra=client_config(topo.broker),
         )
         cls = runner_for(cfg.type)
         # BACnet runners also execute write commands, which needs the whole topology.
@@ -191,6 +226,10 @@ def connect(
         th = threading.Thread(target=runner.run, args=(stop,), name=f"source-{cfg.id}", daemon=True)
         th.start()
         threads.append(th)
+    observed = SourceMetrics(runners, {r.cfg.id: th for r, th in zip(runners, threads, strict=True)})
+    server = start_server(
+        listen or topo.metrics.connect.listen, observed.registry, observed.health, "connect"
+    )
     last = time.monotonic()
     while not stop.wait(1.0):
         if time.monotonic() - last >= 10:
@@ -199,6 +238,8 @@ def connect(
                 logging.getLogger("plantstream.connect").info("source %s: %s", r.cfg.id, r.stats)
     for th in threads:
         th.join(60)
+    if server is not None:
+        server.close()
 
 
 @app.command()
@@ -466,7 +507,7 @@ def _pg(topology: Path | None, sink: str | None) -> tuple[Any, str]:
     if not sinks:
         console.print("[bold red]the topology has no postgres sink" + (f" {sink!r}" if sink else "") + "[/]")
         raise typer.Exit(2)
-    return sinks[0].dsn, sinks[0].schema_name
+    return sinks[0].owner_dsn, sinks[0].schema_name
 
 
 T = TypeVar("T")
@@ -627,6 +668,52 @@ def tokens_revoke(
     out.print(f"token {token_id} revoked" if done else f"no active token {token_id}")
 
 
+db_app = typer.Typer(help="The postgres sink's runtime database roles.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("roles")
+def db_roles(topology: TopologyOpt = None, sink: SinkOpt = None) -> None:
+    """The runtime roles deploy made for the sink's schema (passwords: ``db password``)."""
+    from connectors.timescale import tenancy
+
+    def look(conn: Any, schema: str) -> list[tuple[str, str, bool]]:
+        got = []
+        for kind, role in tenancy.runtime_roles(schema).items():
+            row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            got.append((kind, role, row is not None))
+        return got
+
+    rows, _ = _in_db(topology, sink, look)
+    what = {"writer": "the sink's dsn: upserts rows and offsets, no DDL", "readonly": "reads every row"}
+    for kind, role, exists in rows:
+        state = "" if exists else " (missing: run plantstream deploy)"
+        out.print(f"{kind}: {role}{state} — {what[kind]}")
+
+
+@db_app.command("password")
+def db_password(
+    kind: Annotated[str, typer.Argument(help="writer or readonly")],
+    topology: TopologyOpt = None,
+    sink: SinkOpt = None,
+) -> None:
+    """Set the password of the sink's writer or read-only role (from PLANTSTREAM_ROLE_PASSWORD, or asked
+    for); it is never printed, and libpq hashes it before it is sent."""
+    from connectors.timescale import tenancy
+
+    _, schema = _pg(topology, sink)  # the topology's problems before the password is asked for
+    roles = tenancy.runtime_roles(schema)
+    if kind not in roles:
+        console.print(f"[bold red]role kind {kind!r}: expected one of {', '.join(roles)}[/]")
+        raise typer.Exit(2)
+    role = roles[kind]
+    password = os.environ.get("PLANTSTREAM_ROLE_PASSWORD") or typer.prompt(
+        f"password for {role}", hide_input=True, confirmation_prompt=True
+    )
+    _in_db(topology, sink, lambda conn, _schema: tenancy.set_password(conn, role, password))
+    out.print(f"password of {role} set; the sink's dsn: postgresql://{role}:<password>@<host>:<port>/<db>")
+
+
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
@@ -647,19 +734,38 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             p.kill()
 
 
+def _child_metrics(listen: str | None) -> dict[str, list[str]]:
+    """``run --metrics HOST:PORT``: the worker listens there, the connectors on the next port (port 0: each
+    a free port of its own; off: neither)."""
+    from pipeline.core.metrics import parse_listen
+
+    if listen is None:
+        return {"worker": [], "connect": []}
+    addr = parse_listen(listen)
+    if addr is None:
+        return {"worker": ["--metrics", "off"], "connect": ["--metrics", "off"]}
+    host, port = addr
+    h = f"[{host}]" if ":" in host else host
+    return {
+        "worker": ["--metrics", f"{h}:{port}"],
+        "connect": ["--metrics", f"{h}:{port + 1 if 0 < port < 65535 else 0}"],
+    }
+
+
 @app.command()
-def run(topology: TopologyArg) -> None:
+def run(topology: TopologyArg, metrics: MetricsOpt = None) -> None:
     """Connectors and worker together, supervised: a child that dies is started again (after 1 s, doubling
     up to 60 s while it keeps dying); Ctrl-C, SIGTERM or SIGHUP stop both (SIGTERM to each, SIGKILL after
-    30 s)."""
+    30 s). --metrics HOST:PORT: the worker's /metrics there, the connectors' on the next port."""
     from localservices.harness import local_dir
 
+    ports = _child_metrics(_metrics_addr(metrics))
     _load(topology)
     logs = local_dir() / "run"
     _stop_on_signals()
     children = {
-        "connect": ["connect", str(topology)],
-        "worker": ["worker", str(topology)],
+        "connect": ["connect", str(topology), *ports["connect"]],
+        "worker": ["worker", str(topology), *ports["worker"]],
     }
     procs = {name: _spawn(args, logs / f"{name}.log") for name, args in children.items()}
     started = dict.fromkeys(procs, time.monotonic())
@@ -724,7 +830,7 @@ def _demo_token(topo: Topology, pg: PostgresSink) -> str:
         sites += [
             m.site for m in getattr(src, "topics", []) if getattr(m, "site", None) and m.site not in sites
         ]
-    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+    with psycopg.connect(pg.owner_dsn, autocommit=True) as conn:
         tenancy.add_tenant(conn, pg.schema_name, "demo", sites, "Demo plant")
         token, _ = tenancy.create_token(conn, pg.schema_name, "demo", "demo page", timedelta(days=1))
     return token
@@ -746,6 +852,7 @@ def demo(
 
     from localservices import harness as services
     from pipeline.core import codec
+    from pipeline.core.kafka import client_config
     from pipeline.deploy import deploy as do_deploy
 
     try:
@@ -777,7 +884,7 @@ def demo(
     )
     consumer = Consumer(
         {
-            "bootstrap.servers": topo.broker.bootstrap,
+            **client_config(topo.broker),
             "group.id": f"plantstream-demo-{os.getpid()}",
             "auto.offset.reset": "latest",
             "enable.auto.commit": False,

@@ -9,18 +9,19 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.core import codec
 from pipeline.core.commands import CommandResult, WriteCommand
-from pipeline.core.kafka import Outbox
+from pipeline.core.kafka import Outbox, client_config
 from pipeline.core.topology import TopologyBase
 
 
 def send_command(topo: TopologyBase, cmd: WriteCommand, wait: float | None = 30.0) -> CommandResult | None:
     """Put ``cmd`` on commands.bacnet; with ``wait``, return its result (None if none came in time)."""
-    bootstrap = topo.broker.bootstrap
+    # The commands principal: the only one the ACLs let write commands.bacnet.
+    bootstrap = client_config(topo.broker, "commands")
     watcher = None
     if wait:
         watcher = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **bootstrap,
                 "group.id": f"plantstream-cli-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
             }
@@ -76,7 +77,7 @@ def send_alert_command(
         cmd["comment"] = comment
     if duration_ms is not None:
         cmd["duration_ms"] = duration_ms
-    producer = Outbox(topo.broker.bootstrap, "plantstream-cli", {"linger.ms": 0})
+    producer = Outbox(client_config(topo.broker), "plantstream-cli", {"linger.ms": 0})
     producer.produce(topo.alerts_commands_topic, instance.encode(), codec.dumps(cmd), int(cmd["at"]))  # type: ignore[call-overload]
     if producer.flush_quietly(15) != 0:
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the command was not delivered to Kafka"))
@@ -87,9 +88,7 @@ def alert_states(topo: TopologyBase, timeout: float = 10.0) -> dict[str, dict[st
     """The current state of every alarm instance: the newest record per key of the compacted alerts.state."""
     from pipeline.core.kafka import read_all
 
-    c = Consumer(
-        {"bootstrap.servers": topo.broker.bootstrap, "group.id": f"plantstream-cli-{uuid.uuid4().hex}"}
-    )
+    c = Consumer({**client_config(topo.broker), "group.id": f"plantstream-cli-{uuid.uuid4().hex}"})
     try:
         meta = c.list_topics(topo.alerts_state_topic, timeout=timeout).topics.get(topo.alerts_state_topic)
         if meta is None or meta.error is not None:
@@ -104,7 +103,7 @@ def alert_states(topo: TopologyBase, timeout: float = 10.0) -> dict[str, dict[st
         c.close()
     out: dict[str, dict[str, object]] = {}
     for p in range(partitions):
-        for m in read_all(topo.broker.bootstrap, topo.alerts_state_topic, p):
+        for m in read_all(client_config(topo.broker), topo.alerts_state_topic, p):
             if m.key is None:
                 continue
             if m.value is None:

@@ -7,16 +7,22 @@ from dataclasses import dataclass
 
 import psycopg
 from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
     AdminClient,
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
     NewPartitions,
     NewTopic,
+    ResourcePatternType,
+    ResourceType,
 )
 
 from connectors.timescale import tenancy
 from connectors.timescale.config import PostgresSink
+from pipeline.core.kafka import client_config
 from pipeline.repartition import check_drained, migrate
 from pipeline.topology import Topology
 
@@ -109,7 +115,7 @@ def ensure_topics(
     and drained, and the keyed state is moved after them (:mod:`pipeline.repartition`).
     """
     app_id = app_id or topo.app_id
-    admin = AdminClient({"bootstrap.servers": topo.broker.bootstrap})
+    admin = AdminClient(client_config(topo.broker, "admin"))
     existing = admin.list_topics(timeout=15).topics
     outcome: dict[str, str] = {}
     new = []
@@ -158,17 +164,85 @@ def ensure_topics(
     return outcome
 
 
+def acl_bindings(topo: Topology, app_id: str | None = None) -> list[AclBinding]:
+    """What each principal of a SASL topology may do (Kafka denies everything else).
+
+    The pipeline's principal has every right on the topology's topics and its consumer groups, but may only
+    read ``commands.bacnet``: a BACnet write reaches a field device, so only the commands principal
+    (``broker.security.commands_username``) may produce there. Without one, only the broker's super users can.
+    """
+    sec = topo.broker.security
+    creds = sec.credentials("pipeline")
+    if creds is None:
+        return []
+    app_id = app_id or topo.app_id
+    allow = AclPermissionType.ALLOW
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    prefixed, literal = ResourcePatternType.PREFIXED, ResourcePatternType.LITERAL
+
+    def bind(
+        kind: ResourceType, name: str, pattern: ResourcePatternType, who: str, op: AclOperation
+    ) -> AclBinding:
+        return AclBinding(kind, name, pattern, f"User:{who}", "*", op, allow)
+
+    pipe = creds[0]
+    families = [topo.topic(f) for f in ("telemetry.", "loops.", "alerts.")] + [app_id]
+    out = [bind(topic, name, prefixed, pipe, AclOperation.ALL) for name in families]
+    out.append(bind(topic, topo.results_topic, literal, pipe, AclOperation.ALL))
+    out += [
+        bind(topic, topo.commands_topic, literal, pipe, op)
+        for op in (AclOperation.READ, AclOperation.DESCRIBE)
+    ]
+    # The worker's groups start with the app id; the CLI's, the API's and the readers' with plantstream-.
+    for name in dict.fromkeys([app_id, "plantstream-", topo.topic("plantstream-")]):
+        out.append(bind(group, name, prefixed, pipe, AclOperation.ALL))
+    cmd = sec.credentials("commands")
+    if cmd is not None and cmd[0] != pipe:
+        who = cmd[0]
+        out += [
+            bind(topic, topo.commands_topic, literal, who, op)
+            for op in (AclOperation.WRITE, AclOperation.DESCRIBE)
+        ]
+        out += [
+            bind(topic, topo.results_topic, literal, who, op)
+            for op in (AclOperation.READ, AclOperation.DESCRIBE)
+        ]
+        out.append(bind(group, "plantstream-cli-", prefixed, who, AclOperation.READ))
+    return out
+
+
+def ensure_acls(topo: Topology, say: Callable[[str], None] = print, app_id: str | None = None) -> int:
+    """Create the ACLs of :func:`acl_bindings` (idempotent: an existing binding is left as it is)."""
+    bindings = acl_bindings(topo, app_id)
+    if not bindings:
+        return 0
+    admin = AdminClient(client_config(topo.broker, "admin"))
+    for fut in admin.create_acls(bindings, request_timeout=15).values():
+        fut.result(30)
+    sec = topo.broker.security
+    say(f"acls: User:{sec.username}: the topology's topics and groups, read-only on {topo.commands_topic}")
+    cmd = sec.credentials("commands")
+    if cmd is not None and cmd[0] != sec.username:
+        say(f"acls: User:{cmd[0]}: write {topo.commands_topic}, read {topo.results_topic}")
+    elif topo.has_commands:
+        say(f"acls: no commands_username: only the broker's super users may write {topo.commands_topic}")
+    return len(bindings)
+
+
 def deploy(topo: Topology, say: Callable[[str], None] = print, app_id: str | None = None) -> dict[str, str]:
-    """Topics, then every sink's tables (through the sink's own writer). ``app_id`` names the worker's
-    consumer groups and state topics when it runs with ``--app-id`` (default ``plantstream-<name>``)."""
+    """Topics, the ACLs of a SASL topology, then every sink's tables (through the sink's own writer).
+    ``app_id`` names the worker's consumer groups and state topics when it runs with ``--app-id`` (default
+    ``plantstream-<name>``)."""
     out = {f"topic {k}": v for k, v in ensure_topics(topo, say, app_id).items()}
+    if ensure_acls(topo, say, app_id):
+        out["acls"] = "ensured"
     for sink in topo.sinks:
         writer = sink.open_writer(f"{topo.app_id}/{sink.id}")
         for table, kind in writer.deploy(topo.sink_tables(sink, writer.tables), say).items():
             out[f"sink {sink.id} table {table}"] = kind
         if isinstance(sink, PostgresSink):
             # Tenancy reads a loop's site (its PV's) from the database: the topology is not there.
-            with psycopg.connect(sink.dsn, autocommit=True) as conn:
+            with psycopg.connect(sink.owner_dsn, autocommit=True) as conn:
                 tenancy.set_loop_sites(
                     conn, sink.schema_name, {lp.id: lp.pv.split("/", 1)[0] for lp in topo.loops}
                 )

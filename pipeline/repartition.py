@@ -24,7 +24,14 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from pipeline.core import codec
-from pipeline.core.kafka import Outbox, ensure_compacted_topic, partition_for, read_all
+from pipeline.core.kafka import (
+    Connection,
+    Outbox,
+    client_config,
+    ensure_compacted_topic,
+    partition_for,
+    read_all,
+)
 from pipeline.stages.alerts.routing import command_key
 from pipeline.stages.windows import DEV_PREFIX, WM_PREFIX
 from pipeline.topology import Topology
@@ -54,7 +61,7 @@ def _ends(consumer: Consumer, topic: str, partitions: int) -> dict[int, int]:
 
 def check_drained(topo: Topology, app_id: str, have: dict[str, int], quiet_s: float = 3.0) -> None:
     """Raise :class:`RepartitionRefused` unless growing the topics in ``have`` (name: partitions) is safe."""
-    admin = AdminClient({"bootstrap.servers": topo.broker.bootstrap})
+    admin = AdminClient(client_config(topo.broker, "admin"))
     groups = _groups(topo, app_id)
     fix = "stop the connectors, let the worker catch up (no lag), stop it, run deploy, then start them again"
     for group in groups.values():
@@ -63,7 +70,7 @@ def check_drained(topo: Topology, app_id: str, have: dict[str, int], quiet_s: fl
             raise RepartitionRefused(
                 f"consumer group {group} has {len(desc.members)} running member(s); to add partitions, {fix}"
             )
-    consumer = Consumer({"bootstrap.servers": topo.broker.bootstrap, "group.id": f"{app_id}-deploy-check"})
+    consumer = Consumer({**client_config(topo.broker, "admin"), "group.id": f"{app_id}-deploy-check"})
     try:
         ends = {t: _ends(consumer, t, have[t]) for t in have}
         for topic, group in groups.items():
@@ -88,7 +95,7 @@ def check_drained(topo: Topology, app_id: str, have: dict[str, int], quiet_s: fl
 
 
 def rekey(
-    bootstrap: str,
+    bootstrap: Connection,
     topic: str,
     partitions: int,
     target: Callable[[bytes], int],
@@ -131,7 +138,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
     n = b.partitions
     if topo.raw_topic in have:
         state = f"{app_id}-aggregate-state"
-        ensure_compacted_topic(b.bootstrap, state, n, b.replication)
+        ensure_compacted_topic(client_config(b, "admin"), state, n, b.replication)
 
         def device_of(key: bytes) -> bytes:
             k = key.decode()
@@ -141,7 +148,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
             return {**rec, "p": q} if key.startswith(DEV_PREFIX.encode()) else rec
 
         moved = rekey(
-            b.bootstrap,
+            client_config(b, "admin"),
             state,
             have[topo.raw_topic],
             lambda key: partition_for(device_of(key), n, "consistent_random"),
@@ -151,7 +158,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
         say(f"aggregation state: {moved} record(s) moved with their devices")
     if topo.loops and topo.loop_samples_topic in have:
         state = f"{app_id}-loop-state"
-        ensure_compacted_topic(b.bootstrap, state, n, b.replication)
+        ensure_compacted_topic(client_config(b, "admin"), state, n, b.replication)
 
         def reset(key: bytes, rec: dict[str, Any], q: int) -> dict[str, Any]:
             # Offsets of the old partition mean nothing in the new one: start from its beginning.
@@ -160,7 +167,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
             return {**rec, "o": -1} if "o" in rec else rec
 
         moved = rekey(
-            b.bootstrap,
+            client_config(b, "admin"),
             state,
             have[topo.loop_samples_topic],
             lambda key: partition_for(key.decode().split("\x00", 1)[0].encode(), n, "murmur2_random"),
@@ -169,7 +176,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
         say(f"loop state: {moved} record(s) moved with their loops")
     if topo.alerts.rules and topo.alert_samples_topic in have:
         state = f"{app_id}-alerts-state"
-        ensure_compacted_topic(b.bootstrap, state, n, b.replication)
+        ensure_compacted_topic(client_config(b, "admin"), state, n, b.replication)
 
         def alert_key(key: bytes) -> bytes:
             k = key.decode()
@@ -178,7 +185,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
             return "/".join(k[2:].split("/")[:2]).encode()  # v/site/device/point: the device
 
         moved = rekey(
-            b.bootstrap,
+            client_config(b, "admin"),
             state,
             have[topo.alert_samples_topic],
             lambda key: partition_for(alert_key(key), n, "murmur2_random"),
@@ -187,7 +194,7 @@ def migrate(topo: Topology, app_id: str, have: dict[str, int], say: Say) -> None
         say(f"alert state: {moved} record(s) moved with their devices and loops")
     if topo.latest_topic in have:
         moved = rekey(
-            b.bootstrap,
+            client_config(b, "admin"),
             topo.latest_topic,
             have[topo.latest_topic],
             lambda key: partition_for(key, n, "murmur2_random"),

@@ -22,12 +22,22 @@ from pydantic import (
 )
 
 from connectors import registry
-from connectors.bacnet.config import BacnetSource
+from connectors.bacnet.config import BacnetSource, check_write_networks
 from connectors.mqtt.config import BatchSettings, MqttSource, TopicMapping
 from connectors.opcua.config import OpcUaSource
 from connectors.sim.config import SimLoop, SimSignal, Simulation
 from connectors.timescale.config import PostgresSink
-from pipeline.core.topology import Aggregates, Broker, SinkBase, TopologyBase, TopologyError
+from pipeline.core.secrets import redact_text
+from pipeline.core.topology import (
+    SECRET_FIELDS,
+    Aggregates,
+    Broker,
+    BrokerSecurity,
+    SinkBase,
+    TopologyBase,
+    TopologyError,
+    literal_secrets,
+)
 from pipeline.stages.alerts.config import AlertRule, Alerts
 from pipeline.stages.loops.config import Loop
 
@@ -124,6 +134,9 @@ class Topology(TopologyBase):
                 f"known: {', '.join(ids) or 'none'}"
             )
         _check_loops(self)
+        problem = check_write_networks(self.sources)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -269,7 +282,12 @@ def _message(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
 def _fields_by_path(data: Any) -> dict[str, list[str]]:
     """Allowed keys at each YAML path, for 'unknown key' errors."""
     out: dict[str, list[str]] = {"(top level)": _names(topology_model())}
-    simple: dict[str, type[BaseModel]] = {"broker": Broker, "aggregates": Aggregates, "simulate": Simulation}
+    simple: dict[str, type[BaseModel]] = {
+        "broker": Broker,
+        "broker.security": BrokerSecurity,
+        "aggregates": Aggregates,
+        "simulate": Simulation,
+    }
     for k, m in simple.items():
         out[k] = _names(m)
     if isinstance(data, dict):
@@ -345,6 +363,10 @@ def validate_data(data: Any, source: str = "<topology>") -> Topology:
                 path += ".type"
                 found = None
             quiet = err["type"] == "missing" or found is None or isinstance(found, dict | list)
+            # Never echo a secret; connection strings are shown without their passwords.
+            quiet = quiet or any(part in SECRET_FIELDS for part in err["loc"])
+            if isinstance(found, str):
+                found = redact_text(found)
             shown = "" if quiet else f" (found {found!r})"
             problems.append(f"{path}: {msg}{shown}")
         raise TopologyError(source, problems) from None
@@ -364,6 +386,9 @@ def load(path: str | Path, env: dict[str, str] | None = None) -> Topology:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise TopologyError(str(p), [f"{where}not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    secrets = literal_secrets(data)
+    if secrets:
+        raise TopologyError(str(p), secrets)
     try:
         data = expand_env(data, env)
     except TopologyError as e:

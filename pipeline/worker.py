@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.core.kafka import ensure_compacted_topic
+from pipeline.core.kafka import client_config, ensure_compacted_topic
+from pipeline.core.metrics import WorkerLimits, WorkerMetrics, start_server
 from pipeline.stages.aggregation import Aggregation
 from pipeline.stages.alerts.notify import Notify
 from pipeline.stages.alerts.routing import AlertRouting
@@ -33,6 +35,8 @@ from pipeline.stages.sinks import SinkStep, topic_of
 from pipeline.topology import Topology
 
 log = logging.getLogger("plantstream.worker")
+# Shared by every stage's clean stop (see Worker.stop).
+STOP_TIMEOUT_S = 8.0
 
 
 def fatal(what: str, exc: BaseException) -> None:
@@ -72,10 +76,20 @@ class Worker:
         log.info("worker ready: %s", ", ".join(s.name for s in self.stages))
 
     def stop(self, timeout: float = 30.0) -> None:
+        """All stages stop at once and share one deadline (``run`` gives :data:`STOP_TIMEOUT_S`, within a
+        service manager's usual 10 s grace). A stage still busy then (a long database retry) is left
+        without committing: its input is read again on restart."""
         for s in self.stages:
             s.stopping.set()
+        deadline = time.monotonic() + timeout
         for s in self.stages:
-            s.stop(timeout)
+            if s.is_alive():
+                s.join(max(0.0, deadline - time.monotonic()))
+        late = [s.name for s in self.stages if s.is_alive()]
+        if late:
+            log.warning(
+                "worker: stage(s) %s did not stop within %.0f s; their input is read again", late, timeout
+            )
 
     def alive(self) -> bool:
         return all(s.is_alive() for s in self.stages)
@@ -83,7 +97,7 @@ class Worker:
 
 def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool = True) -> Worker:
     app_id = app_id or topo.app_id
-    bootstrap = topo.broker.bootstrap
+    bootstrap = client_config(topo.broker)
     counters = Counters()
     stages: list[Stage] = []
     routing: LoopRouting | None = None
@@ -186,9 +200,20 @@ def build_worker(topo: Topology, app_id: str | None = None, *, with_sinks: bool 
     return Worker(topo, app_id, stages, counters, stats)
 
 
-def run(topo: Topology, app_id: str | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then stop cleanly (every stage durable and committed)."""
+def observe(worker: Worker) -> WorkerMetrics:
+    """The worker's Prometheus metrics and health (pipeline/core/metrics.py); before :meth:`Worker.start`,
+    so every dead letter is counted."""
+    m = worker.topo.metrics.worker
+    limits = WorkerLimits(m.checkpoint_stale_factor, m.checkpoint_stale_min / 1000, m.sink_stuck_after / 1000)
+    return WorkerMetrics(list(worker.stages), worker.counters, worker.loop_stats, limits)
+
+
+def run(topo: Topology, app_id: str | None = None, metrics: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly (every stage durable and committed). ``metrics``:
+    where /metrics and /health listen (default: the topology's ``metrics.worker.listen``)."""
     worker = build_worker(topo, app_id)
+    observed = observe(worker)
+    server = start_server(metrics or topo.metrics.worker.listen, observed.registry, observed.health, "worker")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -206,7 +231,9 @@ def run(topo: Topology, app_id: str | None = None) -> None:
     while not stop.wait(0.5):
         if not worker.alive():  # a stage that ends by itself has called fatal(); this is a safeguard
             fatal("a stage stopped", RuntimeError("stage thread ended"))
-    worker.stop()
+    worker.stop(STOP_TIMEOUT_S)
+    if server is not None:
+        server.close()
     c = worker.counters
     log.info(
         "worker stopped: %d messages, %d readings, %d aggregates, %d late, %d rejected, sink rows %s",

@@ -23,7 +23,7 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -34,7 +34,14 @@ from connectors.timescale import tenancy
 from pipeline.api.live import QUEUE, Client, Hub
 from pipeline.core import codec
 from pipeline.core.durations import parse_duration_ms
-from pipeline.core.kafka import Outbox
+from pipeline.core.kafka import Outbox, client_config
+from pipeline.core.metrics import (
+    CONTENT_TYPE_LATEST,
+    ApiMetrics,
+    FnCollector,
+    GaugeMetricFamily,
+    RequestMetrics,
+)
 from pipeline.core.records import now_ms
 from pipeline.topology import Topology
 
@@ -77,9 +84,10 @@ class Service:
         self.app_id = app_id or topo.app_id  # the worker's (its consumer groups' prefix)
         self.schema = self.sink.schema_name
         self.views = tenancy.tenant_schema(self.schema)
-        self.pool = AsyncConnectionPool(self.sink.dsn, min_size=1, max_size=8, open=False, timeout=10)
+        # The owner's: tokens are read as it, then each query runs SET LOCAL ROLE <schema>_api.
+        self.pool = AsyncConnectionPool(self.sink.owner_dsn, min_size=1, max_size=8, open=False, timeout=10)
         self.hub = Hub(
-            topo.broker.bootstrap,
+            client_config(topo.broker),
             {"latest": topo.latest_topic, "agg": topo.agg_topic, "alarm": topo.alerts_events_topic},
             lambda: self.loop_sites,
             queue,
@@ -154,7 +162,7 @@ class Service:
         self, instance: str, action: str, by: str, comment: str | None, duration_ms: int | None
     ) -> dict[str, Any]:
         if self._outbox is None:
-            self._outbox = Outbox(self.topo.broker.bootstrap, "plantstream-serve", {"linger.ms": 0})
+            self._outbox = Outbox(client_config(self.topo.broker), "plantstream-serve", {"linger.ms": 0})
         cmd: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "instance": instance,
@@ -185,14 +193,14 @@ class Service:
     def _measure_lag(self) -> dict[str, int]:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.topo.broker.bootstrap})
+        admin = AdminClient(client_config(self.topo.broker))
         prefix = self.app_id
         groups = [g.group_id for g in admin.list_consumer_groups(request_timeout=5).result(10).valid]
         groups = [g for g in groups if g.startswith(prefix + "-")]
         out: dict[str, int] = {}
         c = Consumer(
             {
-                "bootstrap.servers": self.topo.broker.bootstrap,
+                **client_config(self.topo.broker),
                 "group.id": f"plantstream-serve-lag-{uuid.uuid4().hex}",
             }
         )
@@ -211,6 +219,24 @@ class Service:
         finally:
             c.close()
         return out
+
+
+def _live_metrics(svc: Service) -> list[GaugeMetricFamily]:
+    """The live feed's figures at scrape time."""
+    out = []
+    for name, doc, value in (
+        ("plantstream_api_stream_clients", "Clients of the live stream", svc.hub.client_count),
+        (
+            "plantstream_api_live_series",
+            "Series whose newest reading the live feed holds",
+            len(svc.hub.latest),
+        ),
+        ("plantstream_api_live_received", "Records the live feed has read from Kafka", svc.hub.received),
+    ):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], float(value))
+        out.append(g)
+    return out
 
 
 # -- request and answer shapes --------------------------------------------------------------------------
@@ -298,6 +324,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = svc
+    metrics = ApiMetrics()
+    metrics.registry.register(FnCollector(lambda: _live_metrics(svc)))
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Prometheus metrics of this process (docs/operations.md#monitoring)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -340,6 +374,8 @@ def create_app(
             "error": svc.hub.error,
         }
         return JSONResponse(out, status_code=200 if out["status"] == "ok" else 503)
+
+    app.add_api_route("/health", health, include_in_schema=False)  # where the other processes have it
 
     # -- sites and series -----------------------------------------------------------------------------
     @app.get("/api/sites", tags=["series"])

@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 from pipeline.core import codec
+from pipeline.core.kafka import Connection, connection_conf
 
 log = logging.getLogger("plantstream.api")
 
@@ -63,7 +64,7 @@ class Client:
 class Hub:
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Connection,
         topics: dict[str, str],
         loop_sites: Callable[[], dict[str, str]],
         queue: int = QUEUE,
@@ -100,7 +101,7 @@ class Hub:
     def _run(self) -> None:
         c = Consumer(
             {
-                "bootstrap.servers": self.bootstrap,
+                **connection_conf(self.bootstrap),
                 "group.id": f"plantstream-serve-{self.boot}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 100,

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
@@ -23,7 +23,55 @@ from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 from pipeline.core import codec
 from pipeline.core.records import dead_letter
 
+if TYPE_CHECKING:
+    from pipeline.core.topology import Broker, KafkaRole
+
 log = logging.getLogger("plantstream.kafka")
+
+#: Where a client connects: bootstrap servers alone (PLAINTEXT), or librdkafka settings from
+#: :func:`client_config` (bootstrap servers plus TLS and SASL).
+Connection: TypeAlias = str | Mapping[str, Any]
+
+_SECRET_KEYS = frozenset({"sasl.password", "ssl.key.password"})
+
+
+class ClientConf(dict[str, Any]):
+    """librdkafka settings that never show their secrets when printed or logged."""
+
+    def __repr__(self) -> str:
+        return repr({k: "***" if k in _SECRET_KEYS else v for k, v in self.items()})
+
+    __str__ = __repr__
+
+
+def client_config(broker: Broker, role: KafkaRole = "pipeline") -> ClientConf:
+    """The librdkafka settings of ``broker`` (bootstrap servers, TLS, SASL) for ``role``'s principal.
+
+    Every client of the project is built on these; a role without credentials of its own uses the
+    pipeline's.
+    """
+    sec = broker.security
+    conf = ClientConf({"bootstrap.servers": broker.bootstrap, "security.protocol": sec.protocol})
+    creds = sec.credentials(role)
+    if creds is not None:
+        conf["sasl.mechanism"] = sec.sasl_mechanism
+        conf["sasl.username"], conf["sasl.password"] = creds
+    if sec.tls:
+        if sec.ca_file:
+            conf["ssl.ca.location"] = sec.ca_file
+        if sec.cert_file and sec.key_file:
+            conf["ssl.certificate.location"] = sec.cert_file
+            conf["ssl.key.location"] = sec.key_file
+        if sec.key_password is not None:
+            conf["ssl.key.password"] = sec.key_password.get_secret_value()
+        conf["ssl.endpoint.identification.algorithm"] = "https" if sec.ssl_check_hostname else "none"
+    return conf
+
+
+def connection_conf(conn: Connection) -> ClientConf:
+    """A fresh settings dict to build a client on: ``conn`` itself, or ``bootstrap.servers`` for a string."""
+    return ClientConf({"bootstrap.servers": conn} if isinstance(conn, str) else conn)
+
 
 Delivered = Callable[[KafkaError | None, Message], None]
 
@@ -35,9 +83,9 @@ class DeliveryFailed(RuntimeError):
 class Outbox:
     """An idempotent producer; ``flush_sync`` raises if anything produced since the last one failed."""
 
-    def __init__(self, bootstrap: str, client_id: str, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, bootstrap: Connection, client_id: str, extra: dict[str, Any] | None = None) -> None:
         conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+            **connection_conf(bootstrap),
             "client.id": client_id,
             "enable.idempotence": True,  # acks=all, in order per partition, no duplicates on retry
             "linger.ms": 5,
@@ -114,6 +162,13 @@ class Outbox:
         """Until everything produced so far is acknowledged by the broker; raises if anything failed."""
         self._check(self._p.flush(timeout), timeout)
 
+    def flush_some(self, timeout: float) -> int:
+        """Flush for up to ``timeout`` s; what is still queued. Raises if the broker refused a record."""
+        left = int(self._p.flush(timeout))
+        if self._error is not None:
+            raise DeliveryFailed(f"Kafka refused a record: {self._error}")
+        return left
+
     def flush_quietly(self, timeout: float = 30.0) -> int:
         """Flush without raising; returns what is still queued (for shutdown paths)."""
         return int(self._p.flush(timeout))
@@ -174,12 +229,12 @@ class RawMessage:
 
 
 def read_range(
-    bootstrap: str, topic: str, partition: int, first: int, last: int, timeout: float = 30.0
+    bootstrap: Connection, topic: str, partition: int, first: int, last: int, timeout: float = 30.0
 ) -> list[RawMessage]:
     """Messages ``first..last`` of one partition, read directly (no consumer group, nothing committed)."""
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **connection_conf(bootstrap),
             "group.id": "plantstream-range-reader",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -202,9 +257,9 @@ class IncompleteRead(RuntimeError):
     pass
 
 
-def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) -> list[RawMessage]:
+def read_all(bootstrap: Connection, topic: str, partition: int, timeout: float = 60.0) -> list[RawMessage]:
     """Every message of one partition, from the oldest kept to the newest (e.g. a compacted state topic)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "plantstream-range-reader"})
+    consumer = Consumer({**connection_conf(bootstrap), "group.id": "plantstream-range-reader"})
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=max(timeout, 10))
     finally:
@@ -223,9 +278,9 @@ def read_all(bootstrap: str, topic: str, partition: int, timeout: float = 60.0) 
     return out
 
 
-def ensure_compacted_topic(bootstrap: str, name: str, partitions: int, replication: int) -> None:
+def ensure_compacted_topic(bootstrap: Connection, name: str, partitions: int, replication: int) -> None:
     """A compacted state topic with at least ``partitions`` partitions (one per input partition)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(connection_conf(bootstrap))
     meta = admin.list_topics(timeout=30).topics
     if name in meta:
         if len(meta[name].partitions) < partitions:

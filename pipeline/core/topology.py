@@ -7,10 +7,12 @@ only on what is here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pipeline.core.durations import DurationMs
 
@@ -28,6 +30,109 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Secret fields of ``broker.security``: only ``${VAR}`` references in a file, never echoed in messages.
+SECRET_FIELDS = ("password", "commands_password", "admin_password", "key_password")
+_SECRET_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+KafkaRole = Literal["pipeline", "commands", "admin"]
+
+
+class BrokerSecurity(Model):
+    """How every client authenticates to Kafka, and which principal each role uses.
+
+    ``username``/``password`` is the pipeline's principal (worker, connectors, API). ``commands_*`` is the
+    principal of ``plantstream write/relinquish``, the only producer of ``commands.bacnet``; ``admin_*`` is
+    the one ``plantstream deploy`` creates topics and ACLs with. Both fall back to the pipeline's.
+    """
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol; SASL_SSL for a broker reached over a network"
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_PLAINTEXT and SASL_SSL)"
+    )
+    username: str | None = Field(None, description="the pipeline's principal (worker, connectors, API)")
+    password: SecretStr | None = Field(None, description="${ENV_VAR} reference; a literal is refused")
+    commands_username: str | None = Field(
+        None, description="principal that writes commands.bacnet (plantstream write/relinquish)"
+    )
+    commands_password: SecretStr | None = Field(None, description="${ENV_VAR} reference")
+    admin_username: str | None = Field(None, description="principal of plantstream deploy (topics, ACLs)")
+    admin_password: SecretStr | None = Field(None, description="${ENV_VAR} reference")
+    ca_file: str | None = Field(None, description="PEM file of the CA that signed the broker's certificate")
+    cert_file: str | None = Field(None, description="PEM client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="PEM private key of cert_file")
+    key_password: SecretStr | None = Field(
+        None, description="${ENV_VAR} reference, when key_file is encrypted"
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="verify the broker's host name against its certificate"
+    )
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BrokerSecurity:
+        problems = []
+        if self.sasl and (not self.username or self.password is None):
+            problems.append(f"protocol {self.protocol} needs username and password")
+        for role in ("commands", "admin"):
+            user, pw = getattr(self, f"{role}_username"), getattr(self, f"{role}_password")
+            if (user is None) != (pw is None):
+                problems.append(f"{role}_username and {role}_password go together")
+            if user is not None and not self.sasl:
+                problems.append(f"{role}_username is only used with SASL_PLAINTEXT or SASL_SSL")
+        if (self.cert_file is None) != (self.key_file is None):
+            problems.append("cert_file and key_file go together (mutual TLS)")
+        tls_fields = [f for f in ("ca_file", "cert_file", "key_file") if getattr(self, f) is not None]
+        if tls_fields and not self.tls:
+            problems.append(f"{', '.join(tls_fields)} need protocol SSL or SASL_SSL (found {self.protocol})")
+        for f in tls_fields:
+            if not Path(getattr(self, f)).is_file():
+                problems.append(f"{f}: no such file {getattr(self, f)} (give the path of a PEM file)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def credentials(self, role: KafkaRole) -> tuple[str, str] | None:
+        """The SASL user and password of ``role`` (falling back to the pipeline's), or None without SASL."""
+        if not self.sasl or self.username is None or self.password is None:
+            return None
+        user, pw = getattr(self, f"{role}_username", None), getattr(self, f"{role}_password", None)
+        if role == "pipeline" or user is None or pw is None:
+            return self.username, self.password.get_secret_value()
+        return user, pw.get_secret_value()
+
+
+def literal_secrets(data: Any) -> list[str]:
+    """Problems for secrets written literally in a topology file, checked before ``${VAR}`` expansion.
+
+    A password in the file ends up in version control and backups; only a reference to the environment is
+    accepted. The value found is never repeated in the message.
+    """
+    broker = data.get("broker") if isinstance(data, dict) else None
+    security = broker.get("security") if isinstance(broker, dict) else None
+    if not isinstance(security, dict):
+        return []
+    out = []
+    for name in SECRET_FIELDS:
+        value = security.get(name)
+        if value is None or (isinstance(value, str) and _SECRET_REF.match(value)):
+            continue
+        var = "PLANTSTREAM_KAFKA_" + name.upper()
+        out.append(
+            f"broker.security.{name}: a password written in the file is refused; write ${{{var}}} "
+            f"(any environment variable name) and set that variable where plantstream runs"
+        )
+    return out
+
+
 class Broker(Model):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     partitions: int = Field(4, ge=1, le=1024, description="partitions of telemetry.raw (and its state)")
@@ -38,6 +143,10 @@ class Broker(Model):
     )
     agg_retention_bytes: int = Field(
         1 << 30, ge=-1, description="bytes kept per partition of telemetry.agg.1m and loops.kpi (-1: all)"
+    )
+    security: BrokerSecurity = Field(
+        default_factory=lambda: BrokerSecurity(),
+        description="TLS, SASL and the principal of each role; PLAINTEXT when left out",
     )
 
 
@@ -96,6 +205,61 @@ class Aggregates(Model):
         return v
 
 
+def _listen(v: str) -> str:
+    from pipeline.core.metrics import parse_listen  # not at the top: the topology loads without the server
+
+    parse_listen(v)  # raises with the value found and what to write instead
+    return v.strip()
+
+
+class WorkerMetricsConfig(Model):
+    listen: str = Field(
+        "127.0.0.1:9464",
+        description="HOST:PORT of the worker's /metrics and /health; port 0 picks a free port (logged); "
+        "'off' disables. `plantstream worker --metrics ADDR` overrides it",
+    )
+    checkpoint_stale_factor: float = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="health degrades when a stage's last checkpoint (or poll) is older "
+        "than this many checkpoint intervals (and checkpoint_stale_min)",
+    )
+    checkpoint_stale_min: DurationMs = Field(
+        "30s", validate_default=True, description="the smallest such age limit (sinks checkpoint every batch)"
+    )
+    sink_stuck_after: DurationMs = Field(
+        "60s",
+        validate_default=True,
+        description="health degrades when one sink batch has been writing (retrying) longer than this",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        return _listen(v)
+
+
+class ConnectMetricsConfig(Model):
+    listen: str = Field(
+        "127.0.0.1:9465",
+        description="HOST:PORT of plantstream connect's /metrics and /health; port 0 picks a free port "
+        "(logged); 'off' disables. `plantstream connect --metrics ADDR` overrides it",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        return _listen(v)
+
+
+class Metrics(Model):
+    """Where the processes serve Prometheus metrics and health (docs/operations.md#monitoring)."""
+
+    worker: WorkerMetricsConfig = Field(default_factory=lambda: WorkerMetricsConfig())
+    connect: ConnectMetricsConfig = Field(default_factory=lambda: ConnectMetricsConfig())
+
+
 class SinkBase(Model):
     """What every sink has, whatever its database: the fields the sink stage reads."""
 
@@ -118,6 +282,9 @@ class TopologyBase(Model):
     prefix: str = Field("", pattern=r"^([A-Za-z0-9_-]+\.)?$", description="topic prefix such as 'acme.'")
     broker: Broker = Broker()
     aggregates: Aggregates = Aggregates()
+    metrics: Metrics = Field(
+        default_factory=lambda: Metrics(), description="addresses of /metrics and /health, health limits"
+    )
 
     @property
     def app_id(self) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.core import codec
-from pipeline.core.kafka import ensure_compacted_topic, read_all
+from pipeline.core.kafka import client_config, ensure_compacted_topic, read_all
 from pipeline.core.records import HEARTBEAT_KEY, InvalidRecord, Scan, validate_scan
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.runtime import Step
@@ -70,10 +70,10 @@ class Aggregation(Step):
         if partitions and max(partitions) >= self.state_partitions:
             # telemetry.raw gained partitions: the state topic follows, one partition per input partition.
             b = self.topo.broker
-            ensure_compacted_topic(b.bootstrap, self.state_topic, max(partitions) + 1, b.replication)
+            ensure_compacted_topic(client_config(b), self.state_topic, max(partitions) + 1, b.replication)
             self.state_partitions = max(partitions) + 1
         for p in partitions:
-            records = read_all(self.topo.broker.bootstrap, self.state_topic, p)
+            records = read_all(client_config(self.topo.broker), self.state_topic, p)
             self.engine.restore(p, ((m.key or b"", m.value) for m in records))
             log.info(
                 "partition %d assigned: state loaded from %d checkpoint record(s), %d open window(s), "
@@ -248,10 +248,13 @@ class Aggregation(Step):
 
     def tick(self, now: float) -> None:
         stage, engine = self.stage, self.engine
+        if stage.blind:
+            return  # no input reaches the worker: that is not the devices' silence
+        back = stage.broker_back_at  # quiet time counts from the end of a broker outage
         for p in list(engine.parts):
             quiet = []
             for dkey in engine.quiet_devices(p):  # least recently active first
-                seen = self.seen.setdefault(dkey, now)
+                seen = max(self.seen.setdefault(dkey, now), back)
                 if now - seen < self.idle_s:
                     break
                 quiet.append((dkey, now - seen))

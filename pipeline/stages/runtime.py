@@ -10,9 +10,11 @@ A stage is one thread with librdkafka's consumer and the project's producer (:cl
 4. at a rebalance makes the revoked partitions durable and commits them inside the revoke callback, so the
    next owner starts exactly there; newly assigned partitions load their state (:meth:`Step.assigned`).
 
-Any error that is not about the input (broker, database or state trouble) stops the worker at once without
-committing (``fatal``): the input is then read again from the last commit, which idempotent state and
-writes absorb. Bad input is the step's business: dead-lettered, counted, never raised.
+A broker outage is waited out: produced records are retried until the broker takes them (no delivery
+timeout), checkpoints wait for them, and the consumer rejoins its group when the broker is back. Any other
+error that is not about the input (a record the broker refuses, database or state trouble) stops the worker
+at once without committing (``fatal``): the input is then read again from the last commit, which idempotent
+state and writes absorb. Bad input is the step's business: dead-lettered, counted, never raised.
 
 Why not Faust agents: a Faust agent spent ~200 µs of Python per message before any work was done (a plain
 agent handled ~5,000 messages/s here against ~300,000/s for the raw client), and faust-streaming 0.15 can
@@ -30,11 +32,24 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from pipeline.core.kafka import Outbox
+from pipeline.core.kafka import Connection, Outbox, connection_conf
 
 log = logging.getLogger("plantstream.worker")
 
 Fatal = Callable[[str, BaseException], None]
+
+# A stage blocked this long (a broker or database outage) keeps its partitions: the group does not move them
+# to another worker while this one waits to finish the batch in hand.
+MAX_POLL_INTERVAL_S = 900.0
+# How long a stop waits for the broker to take what was produced before leaving without committing (the
+# input is then read again): a stop stays within a service manager's usual 10 s grace.
+STOP_DELIVERY_GRACE_S = 5.0
+# A warning about the broker at most this often per kind, not one per consume call.
+WARN_EVERY_S = 30.0
+
+
+class StopUndelivered(RuntimeError):
+    """The stage was asked to stop while the broker could not take what it produced."""
 
 
 class Step:
@@ -71,7 +86,7 @@ class Stage(threading.Thread):
         self,
         name: str,
         *,
-        bootstrap: str,
+        bootstrap: Connection,
         group: str,
         topic: str,
         step: Step,
@@ -86,10 +101,12 @@ class Stage(threading.Thread):
         self.group, self.topic, self.step, self.fatal = group, topic, step, fatal
         self.checkpoint_interval = checkpoint_interval
         self.batch_size, self.batch_wait, self.tick_interval = batch_size, batch_wait, tick_interval
-        # Stages confirm delivery with flush_sync, never per record: librdkafka reports failures only.
-        self.outbox = Outbox(bootstrap, group, {"delivery.report.only.error": True})
+        # Stages confirm delivery with a flush, never per record: librdkafka reports failures only. No
+        # delivery timeout: through a broker outage records wait in librdkafka's queue and are retried, in
+        # order (idempotent producer), until the broker is back.
+        self.outbox = Outbox(bootstrap, group, {"delivery.report.only.error": True, "message.timeout.ms": 0})
         conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+            **connection_conf(bootstrap),
             "group.id": group,
             "client.id": group,
             "enable.auto.commit": False,
@@ -98,6 +115,9 @@ class Stage(threading.Thread):
             "queued.max.messages.kbytes": 16 * 1024,
             # Partitions added to the input topic are noticed (and assigned) within seconds, not 5 minutes.
             "topic.metadata.refresh.interval.ms": 10_000,
+            "max.poll.interval.ms": int(MAX_POLL_INTERVAL_S * 1000),
+            "on_commit": self._committed,
+            "error_cb": self._on_error,
         }
         conf.update(consumer_conf or {})
         self.consumer = Consumer(conf)
@@ -110,6 +130,14 @@ class Stage(threading.Thread):
         self.committed: dict[int, int] = {}
         self.last_data: dict[int, float] = {}
         self.last_checkpoint: dict[int, float] = {}
+        self.last_poll = time.monotonic()
+        self._warned: dict[int, float] = {}  # error code → when it was last logged
+        self._stop_seen: float | None = None
+        # The broker out of reach (blind) and when it was last back: input that did not come meanwhile was
+        # not the devices' silence, so steps count quiet time from ``broker_back_at`` (idle closes).
+        self.blind = False
+        self.broker_back_at = 0.0
+        self._probed = 0.0
         step.stage = self
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -127,11 +155,16 @@ class Stage(threading.Thread):
             next_tick = time.monotonic()
             while not self.stopping.is_set():
                 msgs = self.consumer.consume(self.batch_size, self.batch_wait)
+                self.last_poll = time.monotonic()
                 if msgs:
+                    if self.blind and any(m.error() is None for m in msgs):
+                        self._sighted()
                     self._process(msgs)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + self.tick_interval
+                    if self.blind:
+                        self._probe(now)
                     self.step.tick(now)
                     due = [
                         p
@@ -141,11 +174,53 @@ class Stage(threading.Thread):
                     if due:
                         self.checkpoint(due)
             # Clean stop: what was handled is made durable and committed, so a restart resumes here.
-            self.checkpoint(sorted(self.owned), asynchronous=False)
+            try:
+                self.checkpoint(sorted(self.owned), asynchronous=False)
+            except KafkaException as exc:  # the broker away at the last commit: read again on restart
+                raise StopUndelivered(f"the last commit failed ({exc})") from exc
             self.step.close()
             self.consumer.close()
+        except StopUndelivered as exc:
+            # Nothing is committed past what the broker has: the next owner reads the input again.
+            log.warning(
+                "%s: stopping without committing: %s; the input is read again on restart", self.name, exc
+            )
         except Exception as exc:
             self.fatal(f"stage {self.name} failed", exc)
+
+    def deliver(self) -> None:
+        """Until the broker has everything produced so far, however long an outage lasts.
+
+        Raises :class:`DeliveryFailed` if the broker refused a record, :class:`StopUndelivered` if a stop
+        was asked for and the broker has not taken everything within :data:`STOP_DELIVERY_GRACE_S`.
+        """
+        left = self.outbox.flush_some(1.0)  # returns as soon as the queue is empty
+        if not left:
+            return
+        started = warned = time.monotonic()
+        while left:
+            now = time.monotonic()
+            if self.stopping.is_set():
+                self._stop_seen = self._stop_seen or now
+                if now - self._stop_seen >= STOP_DELIVERY_GRACE_S:
+                    raise StopUndelivered(f"{left} produced record(s) not acknowledged by the broker")
+            elif now - started >= 1.0 and not self.blind:
+                self.blind = True  # produced records wait: the broker is out of reach
+            elif now - warned >= WARN_EVERY_S:
+                warned = now
+                log.warning(
+                    "%s: waiting for the broker: %d record(s) not acknowledged for %.0f s",
+                    self.name,
+                    left,
+                    now - started,
+                )
+            left = self.outbox.flush_some(1.0)
+        if self.blind:
+            self._sighted()
+        if time.monotonic() - started >= WARN_EVERY_S:
+            log.warning(
+                "%s: the broker took the waiting records after %.0f s", self.name, time.monotonic() - started
+            )
 
     def _process(self, msgs: list[Message]) -> None:
         good = [m for m in msgs if m.error() is None]
@@ -156,7 +231,7 @@ class Stage(threading.Thread):
                     continue
                 if err.fatal():
                     raise KafkaException(err)
-                log.warning("%s: consumer error %s", self.name, err)
+                self._warn(err.code(), f"{self.name}: consumer error {err}")
         if not good:
             return
         now = time.monotonic()
@@ -178,9 +253,19 @@ class Stage(threading.Thread):
             return
         # What processing produced (aggregates, dead letters, routed samples) is delivered before state
         # that skips its input is saved, and before that input is committed.
-        self.outbox.flush_sync()
+        self.deliver()
+        if time.monotonic() - self.last_poll > 0.8 * MAX_POLL_INTERVAL_S:
+            # Blocked past the group's patience: the partitions may have another owner by now, so this
+            # member writes no state and commits nothing; it rejoins and loads the state again.
+            gone = sorted(self.owned)
+            log.warning(
+                "%s: blocked longer than the group waits; giving up partitions %s to reload", self.name, gone
+            )
+            self.step.lost(gone)
+            self._forget(gone)
+            return
         self.step.durable(partitions)
-        self.outbox.flush_sync()
+        self.deliver()
         now = time.monotonic()
         offsets = []
         for p in partitions:
@@ -191,6 +276,56 @@ class Stage(threading.Thread):
                 self.committed[p] = pos
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+
+    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """An asynchronous commit that failed (the broker away, a rebalance) is made again at the next
+        checkpoint instead of being taken for done."""
+        failed = partitions if err is not None else [tp for tp in partitions if tp.error is not None]
+        for tp in failed:
+            if tp.topic == self.topic and self.committed.get(tp.partition) == tp.offset:
+                del self.committed[tp.partition]
+        if failed:
+            self._warn(
+                err.code() if err is not None else -1,
+                f"{self.name}: commit of partitions {sorted(tp.partition for tp in failed)} failed ({err}); "
+                "made again at the next checkpoint",
+            )
+
+    # -- the broker out of reach ---------------------------------------------------------------------
+    _UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT})
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's client-level errors (served inside consume(), on this thread)."""
+        if err.code() in self._UNREACHABLE:
+            if not self.blind:
+                log.warning("%s: the broker is out of reach (%s); waiting for it", self.name, err)
+            self.blind = True
+        else:
+            self._warn(err.code(), f"{self.name}: Kafka client error {err}")
+
+    def _probe(self, now: float) -> None:
+        """Whether the broker answers again: a watermark query, at most once a second."""
+        if now - self._probed < 1.0:
+            return
+        self._probed = now
+        p = min(self.owned, default=0)
+        try:
+            self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=0.5, cached=False)
+        except KafkaException:
+            return
+        self._sighted()
+
+    def _sighted(self) -> None:
+        self.blind = False
+        self.broker_back_at = time.monotonic()
+        log.warning("%s: the broker is back", self.name)
+
+    def _warn(self, code: int, message: str) -> None:
+        now = time.monotonic()
+        last = self._warned.get(code)
+        if last is None or now - last >= WARN_EVERY_S:
+            self._warned[code] = now
+            log.warning("%s", message)
 
     def behind(self, p: int) -> bool:
         """Input is waiting in partition ``p``: quiet is then the consumer's doing, not the devices'."""

@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.core import codec
-from pipeline.core.kafka import read_all
+from pipeline.core.kafka import client_config, read_all
 from pipeline.core.records import HEARTBEAT_KEY
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.alerts.config import AlertRule, RuleIndex
@@ -58,7 +58,7 @@ class AlertStep(Step):
     def assigned(self, partitions: list[int]) -> None:
         now = time.monotonic()
         for p in partitions:
-            records = read_all(self.topo.broker.bootstrap, self.state_topic, p)
+            records = read_all(client_config(self.topo.broker), self.state_topic, p)
             self.store.load(p, ((m.key, m.value) for m in records))
             n = 0
             for key in [k for k in self.store if k.startswith("i/")]:
@@ -254,7 +254,7 @@ class AlertStep(Step):
 
     def tick(self, now: float) -> None:
         stage = self.stage
-        if self.stale:
+        if self.stale and not stage.blind:  # no input reaching the worker is not the devices' silence
             drained = {p for p in stage.owned if not stage.behind(p)}
             for key in sorted({k for keys in self.timed.values() for k in keys}):
                 inst = self.engine.instances.get(key)
@@ -262,7 +262,7 @@ class AlertStep(Step):
                 p = self.owner.get(key)
                 if inst is None or r is None or r.span is None or p not in drained or inst.level is not None:
                     continue
-                quiet_ms = (now - self.arrived.get(key, now)) * 1000
+                quiet_ms = (now - max(self.arrived.get(key, now), stage.broker_back_at)) * 1000
                 if inst.last_ts is not None and quiet_ms >= r.span:
                     # A silent device, its partition drained: the wall clock stands in for event time.
                     self._emit(p, self.engine.silence(r, inst.source, inst.last_ts + int(quiet_ms)))

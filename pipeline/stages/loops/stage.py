@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.core import codec
-from pipeline.core.kafka import read_all
+from pipeline.core.kafka import client_config, read_all
 from pipeline.core.records import HEARTBEAT_KEY, ReadingBatch
 from pipeline.core.topology import TopologyBase
 from pipeline.stages.loops.config import Loop
@@ -98,7 +98,7 @@ class LoopStep(Step):
     # -- state -----------------------------------------------------------------------------------------
     def assigned(self, partitions: list[int]) -> None:
         for p in partitions:
-            records = read_all(self.topo.broker.bootstrap, self.state_topic, p)
+            records = read_all(client_config(self.topo.broker), self.state_topic, p)
             keys = self.store.load(p, ((m.key, m.value) for m in records))
             log.info("loops: partition %d: state loaded from %d record(s), %d key(s)", p, len(records), keys)
 
@@ -122,12 +122,14 @@ class LoopStep(Step):
 
     def tick(self, now: float) -> None:
         stage = self.stage
+        if stage.blind:
+            return  # no input reaches the worker: that is not the loops' silence
         for p in sorted(stage.owned):
             loops = self.engine.open_loops(p)
             if not loops or stage.behind(p):
                 continue
             for loop_id in loops:
-                seen = self.last_data.setdefault(loop_id, now)
+                seen = max(self.last_data.setdefault(loop_id, now), stage.broker_back_at)
                 if (now - seen) * 1000 >= self.defs[loop_id].idle_ms:
                     log.info("loop %s quiet for %.0f s: closing its open window(s)", loop_id, now - seen)
                     self.store.partition = p
@@ -156,7 +158,7 @@ class LoopStep(Step):
             if self.route_alerts is not None:
                 self.route_alerts.kpis(outbox.produce, rec)
         # Durable in Kafka before the state moves on: a crash in between computes and sends them again.
-        outbox.flush_sync()
+        self.stage.deliver()
         self.engine.finish(loop_id, partition, offset, job, result)
         self.stats.windows += len(result.records)
         if flush_all:
