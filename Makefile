@@ -33,7 +33,7 @@ services-status:
 
 ## test: everything — unit, integration (real services), end to end
 test: services-up
-	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/faults -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/faults -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)

@@ -2,7 +2,7 @@
 
 A private PostgreSQL (the shared one is not touched) holds the sink's tables, deployed by their owner and
 written by the sink's own role, ``<schema>_writer`` (so a revoked privilege applies to it). While readings
-keep arriving, in turn: the server is stopped (15 s here, 60 s and 6 minutes in ``make faults``), the
+keep arriving, in turn: the server is stopped (12 s here, 60 s and 6 minutes in ``make faults``), the
 sink's connections are terminated in a loop, and INSERT on its tables is revoked for a while. Then
 ``readings`` equals every reading sent, ``agg_1m`` equals pandas over them, no row is there twice, and the
 DLQ is empty.
@@ -100,9 +100,9 @@ def test_the_sink_pauses_through_database_faults_and_loses_nothing(
         assert len(readings_rows(admin, schema)) == len(chunks[0])
 
         # 1. The server stopped (and, in make faults, stopped again for six minutes).
-        for outage in [length(15, 60)] + ([360.0] if FULL else []):
+        for outage in [length(12, 60)] + ([360.0] if FULL else []):
             pg.down("postgres")
-            sent(chunks[1] if outage == length(15, 60) else [])
+            sent(chunks[1] if outage == length(12, 60) else [])
             ends = time.monotonic() + outage
             while time.monotonic() < ends:
                 assert alive(), "the worker exited while the database was away"
@@ -125,7 +125,7 @@ def test_the_sink_pauses_through_database_faults_and_loses_nothing(
         killer = threading.Thread(target=terminate, daemon=True)
         killer.start()
         sent(chunks[2])
-        time.sleep(length(10, 60))  # the fault's length: connections keep being cut throughout
+        time.sleep(length(6, 60))  # the fault's length: connections keep being cut throughout
         done.set()
         killer.join(10)
 
@@ -133,7 +133,7 @@ def test_the_sink_pauses_through_database_faults_and_loses_nothing(
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"REVOKE INSERT ON ALL TABLES IN SCHEMA {schema} FROM {role}")
         sent(chunks[3])
-        time.sleep(length(8, 30))  # the fault's length
+        time.sleep(length(5, 30))  # the fault's length
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"GRANT INSERT ON ALL TABLES IN SCHEMA {schema} TO {role}")
         sent(chunks[4])

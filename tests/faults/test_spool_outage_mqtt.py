@@ -28,11 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from pipeline.topology import load
 from tests.conftest import wait_for
-from tests.faults.conftest import length
+from tests.faults.conftest import FULL, length
 from tests.faults.services import Private, child_env, deploy, private, spawn
 from tests.integration.readback import Topics
 
-pytestmark = pytest.mark.integration
+# make faults only: with QoS 1 the broker keeps what the connector did not acknowledge anyway; the OPC UA
+# scenario is the one that needs the spool, and make test runs that one.
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not FULL, reason="make faults only")]
 
 MAX_BYTES = 16 * 1024 * 1024
 
@@ -126,7 +128,7 @@ def test_nothing_is_lost_across_a_kafka_outage_and_a_kill(
         wait_for(
             lambda: spool_bytes(spool) > 0 and len(pub.sent) > 0, 30, "records spooled during the outage"
         )
-        outage = length(20, 600)
+        outage = length(12, 600)
         stop_at = time.monotonic() + outage
         time.sleep(outage / 2)  # the outage itself, half before the kill
         proc.send_signal(signal.SIGKILL)

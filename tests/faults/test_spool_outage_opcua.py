@@ -40,7 +40,7 @@ from pipeline.core import codec
 from pipeline.core.records import now_ms, validate_batch
 from pipeline.topology import load
 from tests.conftest import wait_for
-from tests.faults.conftest import length
+from tests.faults.conftest import FULL, length
 from tests.faults.services import Private, child_env, deploy, private, spawn
 from tests.integration.readback import Topics
 
@@ -125,7 +125,10 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-@pytest.mark.parametrize("spool", ["on", "off"])
+# The control only in make faults: make test keeps to the scenario itself.
+@pytest.mark.parametrize(
+    "spool", ["on", pytest.param("off", marks=pytest.mark.skipif(not FULL, reason="make faults only"))]
+)
 def test_readings_accepted_during_a_kafka_outage_and_a_kill_all_reach_kafka(
     kafka: Private, tmp_path: Path, spool: str
 ) -> None:
@@ -162,7 +165,7 @@ def test_readings_accepted_during_a_kafka_outage_and_a_kill_all_reach_kafka(
 
         kafka.down("kafka")
         down = now_ms()
-        outage = length(20, 600)
+        outage = length(12, 600)
         ends = time.monotonic() + outage
         time.sleep(outage / 2)  # the outage itself, half of it before the kill
         killed = now_ms()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -230,7 +229,7 @@ class _Src(Model):
     spool: SpoolSetting = SpoolConfig()
 
 
-def test_config_forms(tmp_path: Path) -> None:
+def test_config_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _Src.model_validate({"spool": False}).spool is None
     assert _Src.model_validate({"spool": "off"}).spool is None
     assert _Src.model_validate({"spool": "on"}).spool == SpoolConfig()
@@ -244,6 +243,6 @@ def test_config_forms(tmp_path: Path) -> None:
         _Src.model_validate({"spool": {"when_full": "wait"}})
     with pytest.raises(ValidationError, match="expected 'off', 'on'"):
         _Src.model_validate({"spool": "maybe"})
-    os.environ["PLANTSTREAM_LOCAL_DIR"] = str(tmp_path)
+    monkeypatch.setenv("PLANTSTREAM_LOCAL_DIR", str(tmp_path))
     assert spool_dir(SpoolConfig(), "demo", "src") == tmp_path.resolve() / "spool" / "demo" / "src"
     assert spool_dir(SpoolConfig(dir=tmp_path / "x"), "demo", "src") == tmp_path / "x"
