@@ -252,10 +252,17 @@ class CommandExecutor:
                     await self._blocking(self._prepare)
                     break
                 except KafkaException as e:
+                    code = e.args[0].code() if e.args and isinstance(e.args[0], KafkaError) else None
+                    unreachable = code in (
+                        KafkaError._TRANSPORT,
+                        KafkaError._ALL_BROKERS_DOWN,
+                        KafkaError._TIMED_OUT,
+                    )
                     log.warning(
-                        "source %s: command topics not ready (%s); run `plantstream deploy`; retrying",
+                        "source %s: command topics not ready (%s); %s; retrying",
                         self.source_id,
                         e,
+                        "the broker is out of reach" if unreachable else "run `plantstream deploy`",
                     )
                     await asyncio.sleep(5)
             while not stop.is_set():

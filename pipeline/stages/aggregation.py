@@ -72,9 +72,14 @@ class Aggregation(Step):
             b = self.topo.broker
             ensure_compacted_topic(client_config(b), self.state_topic, max(partitions) + 1, b.replication)
             self.state_partitions = max(partitions) + 1
+        now = time.monotonic()
         for p in partitions:
             records = read_all(client_config(self.topo.broker), self.state_topic, p)
             self.engine.restore(p, ((m.key or b"", m.value) for m in records))
+            # Every restored device's quiet time starts now, all at once: the idle check stops at the first
+            # device not quiet long enough, so one that got no clock there would hold the others behind it.
+            for dkey in self.engine.quiet_devices(p):
+                self.seen.setdefault(dkey, now)
             log.info(
                 "partition %d assigned: state loaded from %d checkpoint record(s), %d open window(s), "
                 "applied through offset %s",

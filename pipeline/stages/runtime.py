@@ -41,6 +41,7 @@ Fatal = Callable[[str, BaseException], None]
 # A stage blocked this long (a broker or database outage) keeps its partitions: the group does not move them
 # to another worker while this one waits to finish the batch in hand.
 MAX_POLL_INTERVAL_S = 900.0
+SESSION_TIMEOUT_MS = 10_000
 # How long a stop waits for the broker to take what was produced before leaving without committing (the
 # input is then read again): a stop stays within a service manager's usual 10 s grace.
 STOP_DELIVERY_GRACE_S = 5.0
@@ -116,6 +117,9 @@ class Stage(threading.Thread):
             # Partitions added to the input topic are noticed (and assigned) within seconds, not 5 minutes.
             "topic.metadata.refresh.interval.ms": 10_000,
             "max.poll.interval.ms": int(MAX_POLL_INTERVAL_S * 1000),
+            # A worker that dies (SIGKILL, a lost host) hands its partitions on after 10 s, not librdkafka's
+            # 45 s: the heartbeats come from librdkafka's own thread, so a busy stage does not miss them.
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
             "on_commit": self._committed,
             "error_cb": self._on_error,
         }
@@ -336,7 +340,10 @@ class Stage(threading.Thread):
         if p in self.position:
             return high < 0 or self.position[p] < high
         tp = self.consumer.position([TopicPartition(self.topic, p)])[0]
-        return high < 0 or tp.offset < 0 or tp.offset < high
+        if tp.offset >= 0:
+            return high < 0 or tp.offset < high
+        # Nothing consumed since the assignment and nothing committed: behind unless the partition is empty.
+        return high < 0 or _low < high
 
     # -- rebalance callbacks (called inside consume(), on this thread) ---------------------------------
     def _forget(self, partitions: list[int]) -> None:
@@ -355,6 +362,11 @@ class Stage(threading.Thread):
                 self.owned.add(p)
                 self.last_checkpoint[p] = now
                 self.last_data[p] = now
+            # Where the input resumes: a partition the previous owner read to its end gives this member no
+            # message, so without it the partition would look behind for good and hold its idle closes.
+            for tp in self.consumer.committed(list(partitions), timeout=30):
+                if tp.offset >= 0:
+                    self.position[tp.partition] = self.committed[tp.partition] = tp.offset
             log.info("%s: assigned input partitions %s", self.name, ps)
         except Exception as exc:
             self.fatal(f"stage {self.name}: loading the state of assigned partitions failed", exc)
