@@ -4,8 +4,12 @@ lengths of the operations figures (``PLANTSTREAM_FAULTS=full``): ten-minute outa
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.faults.services import Private, private
 
 FULL = os.environ.get("PLANTSTREAM_FAULTS", "").strip().lower() == "full"
 
@@ -19,3 +23,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/faults/" in str(item.fspath):
             item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture
+def kafka(tmp_path: Path) -> Iterator[Private]:
+    """A private Kafka the scenario may stop and start."""
+    with private(tmp_path / "services", "kafka") as svc:
+        yield svc

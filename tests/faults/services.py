@@ -7,12 +7,18 @@ free ports, and is started and stopped through ``plantstream services`` in a chi
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from connectors.common.spool import scan
+from pipeline.core import codec
+from pipeline.core.records import validate_batch
 
 # Which environment variable gives each private port (see localservices.harness.ports_from_env).
 _PORTS = {
@@ -105,3 +111,45 @@ def deploy(topo_file: Path, env: dict[str, str]) -> None:
         env=env,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+
+
+# -- what the scenarios share ------------------------------------------------------------------------
+
+
+def spooled(d: Path) -> set[tuple[str, int]]:
+    """(series, ts) of every reading in the spool at ``d`` from its cursor on."""
+    out: set[tuple[str, int]] = set()
+    for rec in scan(d) if d.exists() else []:
+        b = validate_batch(codec.loads(rec.value))[0]
+        out |= {(f"{b['site']}/{b['device']}/{r['point']}", r["ts"]) for r in b["readings"]}
+    return out
+
+
+def spool_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.glob("seg-*.log")) if d.exists() else 0
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def replayed_then_drained(proc: subprocess.Popen[bytes], log: Path, spool: Path) -> None:
+    """A restarted connector sent what its predecessor left in the spool (its log and its spool_resent
+    counter say so); a clean stop then leaves nothing behind: Kafka has every record."""
+    from tests.conftest import wait_for
+
+    assert "sending them (again)" in log.read_text()
+    wait_for(
+        lambda: re.search(r"spool_resent=[1-9]", log.read_text()) is not None,
+        30,
+        "the spool_resent counter in the source's stats line",
+    )
+    terminate(proc)
+    assert proc.returncode == 0
+    assert spooled(spool) == set()

@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,11 @@ from pipeline.topology import validate_data
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import agg_rows, read_dlq, stop
 from tests.faults.conftest import length
-from tests.faults.services import Private, child_env, deploy, private, spawn
+from tests.faults.services import Private, child_env, deploy, spawn
 from tests.integration.test_event_time import Reading, minute_now, send, series_of
 from tests.reference import compare, expected_aggregates
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def kafka(tmp_path: Path) -> Iterator[Private]:
-    with private(tmp_path / "services", "kafka") as svc:
-        yield svc
 
 
 def test_the_worker_waits_out_a_kafka_outage_and_catches_up(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pipeline.topology import load
 from tests.conftest import wait_for
 from tests.faults.conftest import length
-from tests.faults.services import Private, child_env, deploy, private, spawn
+from tests.faults.services import Private, child_env, deploy, private, spawn, terminate
 from tests.integration.readback import Topics
 
 pytestmark = pytest.mark.integration
@@ -143,9 +142,4 @@ def test_broker_restarts_and_a_connector_kill_lose_nothing(
         if pub is not None and not pub.stop.is_set():
             pub.close()
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            terminate(p)

@@ -13,11 +13,9 @@ message is acknowledged from the spool during the outage, and still reaches Kafk
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pipeline.topology import load
 from tests.conftest import wait_for
 from tests.faults.conftest import FULL, length
-from tests.faults.services import Private, child_env, deploy, private, spawn
+from tests.faults.services import Private, child_env, deploy, spawn, spool_bytes, terminate
 from tests.integration.readback import Topics
 
 # make faults only: with QoS 1 the broker keeps what the connector did not acknowledge anyway; the OPC UA
@@ -37,12 +35,6 @@ from tests.integration.readback import Topics
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not FULL, reason="make faults only")]
 
 MAX_BYTES = 16 * 1024 * 1024
-
-
-@pytest.fixture
-def kafka(tmp_path: Path) -> Iterator[Private]:
-    with private(tmp_path / "services", "kafka") as svc:
-        yield svc
 
 
 class Publisher:
@@ -78,10 +70,6 @@ class Publisher:
         self.thread.join(30)
         self.c.loop_stop()
         self.c.disconnect()
-
-
-def spool_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.glob("seg-*.log")) if d.exists() else 0
 
 
 def test_nothing_is_lost_across_a_kafka_outage_and_a_kill(
@@ -155,9 +143,4 @@ def test_nothing_is_lost_across_a_kafka_outage_and_a_kill(
     finally:
         if pub is not None and not pub.stop.is_set():
             pub.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate(proc)

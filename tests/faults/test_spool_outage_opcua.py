@@ -17,9 +17,7 @@ producer options, and the default timeout is 5 minutes.)
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -33,15 +31,24 @@ import yaml
 from asyncua import ua
 from asyncua.common.node import Node
 
-from connectors.common.spool import MIB, scan
+from connectors.common.spool import MIB
 from connectors.sim import launch
 from connectors.sim.opcua_plant import NAMESPACE, PlantOptions, PlantServer
-from pipeline.core import codec
-from pipeline.core.records import now_ms, validate_batch
+from pipeline.core.records import now_ms
 from pipeline.topology import load
 from tests.conftest import wait_for
 from tests.faults.conftest import FULL, length
-from tests.faults.services import Private, child_env, deploy, private, spawn
+from tests.faults.services import (
+    Private,
+    child_env,
+    deploy,
+    private,
+    replayed_then_drained,
+    spawn,
+    spool_bytes,
+    spooled,
+    terminate,
+)
 from tests.integration.readback import Topics
 
 pytestmark = pytest.mark.integration
@@ -97,32 +104,9 @@ class Plant:
         self.thread.join(30)
 
 
-def spooled(d: Path) -> set[Key]:
-    """(series, ts) of every reading in the spool at ``d`` from its cursor on."""
-    out: set[Key] = set()
-    for rec in scan(d) if d.exists() else []:
-        b = validate_batch(codec.loads(rec.value))[0]
-        out |= {(f"{b['site']}/{b['device']}/{r['point']}", r["ts"]) for r in b["readings"]}
-    return out
-
-
-def spool_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.glob("seg-*.log")) if d.exists() else 0
-
-
 def in_raw(topics: Topics) -> set[Key]:
     topics.poll()
     return {(k, r["ts"]) for k, rs in topics.series().items() for r in rs}
-
-
-def terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # The control only in make faults: make test keeps to the scenario itself.
@@ -205,17 +189,7 @@ def test_readings_accepted_during_a_kafka_outage_and_a_kill_all_reach_kafka(
 
         wait_for(lambda: not missing(), 120, f"all {len(expected)} spooled readings in telemetry.raw")
         assert max_spool <= MAX_BYTES
-        second = logs[1].read_text()
-        assert "sending them (again)" in second  # the second connector replayed what the first one left
-        wait_for(
-            lambda: re.search(r"spool_resent=[1-9]", logs[1].read_text()) is not None,
-            30,
-            "the spool_resent counter in the source's stats line",
-        )
-        # A clean stop now leaves nothing behind: Kafka has every record.
-        terminate(proc)
-        assert proc.returncode == 0
-        assert spooled(spool_path) == set()
+        replayed_then_drained(proc, logs[1], spool_path)  # the second connector sent what the first left
     finally:
         for p in procs:
             terminate(p)

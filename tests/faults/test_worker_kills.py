@@ -73,7 +73,7 @@ def test_workers_killed_again_and_again_lose_and_double_nothing(
 
     def worker(i: int, n: int) -> Any:
         return spawn(
-            ["worker", str(topo_file), "--app-id", app, "--metrics", "off"],
+            ["worker", str(topo_file), "--app-id", app, "--metrics", "off", "--loglevel", "info"],
             tmp_path / f"worker{i}-{n}.log",
             env,
         )
