@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+
 from connectors.common.spool import scan
 from pipeline.core import codec
 from pipeline.core.records import validate_batch
@@ -153,3 +155,15 @@ def replayed_then_drained(proc: subprocess.Popen[bytes], log: Path, spool: Path)
     terminate(proc)
     assert proc.returncode == 0
     assert spooled(spool) == set()
+
+
+def readings_rows(dsn: str, schema: str) -> list[tuple[str, int, float]]:
+    """(series, ts ms, value) of every row of the sink's ``readings`` table (none before it exists)."""
+    with psycopg.connect(dsn) as conn:
+        try:
+            rows = conn.execute(
+                f"SELECT series, (extract(epoch FROM time) * 1000)::bigint, value FROM {schema}.readings"
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+    return [(r[0], int(r[1]), float(r[2])) for r in rows]

@@ -26,7 +26,7 @@ from pipeline.topology import validate_data
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import agg_rows, read_dlq, stop
 from tests.faults.conftest import FULL, length
-from tests.faults.services import Private, child_env, deploy, private, spawn
+from tests.faults.services import Private, child_env, deploy, private, readings_rows, spawn
 from tests.integration.test_event_time import Reading, minute_now, send, series_of
 from tests.reference import compare, expected_aggregates
 
@@ -38,17 +38,6 @@ PASSWORD = "sink-writer-pw"
 def pg(tmp_path: Path) -> Iterator[Private]:
     with private(tmp_path / "services", "postgres") as svc:
         yield svc
-
-
-def readings_rows(dsn: str, schema: str) -> list[tuple[str, int, float]]:
-    with psycopg.connect(dsn) as conn:
-        try:
-            rows = conn.execute(
-                f"SELECT series, (extract(epoch FROM time) * 1000)::bigint, value FROM {schema}.readings"
-            ).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
-    return [(r[0], int(r[1]), float(r[2])) for r in rows]
 
 
 def test_the_sink_pauses_through_database_faults_and_loses_nothing(

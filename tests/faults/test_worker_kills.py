@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import yaml
 
@@ -27,22 +26,11 @@ from pipeline.topology import validate_data
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import agg_rows, read_dlq, stop
 from tests.faults.conftest import FULL, length
-from tests.faults.services import child_env, deploy, spawn
+from tests.faults.services import child_env, deploy, readings_rows, spawn
 from tests.reference import compare, expected_aggregates
 
 pytestmark = pytest.mark.integration
 POINTS = ("t", "p", "f", "q")
-
-
-def readings_table(dsn: str, schema: str) -> list[tuple[str, int, float]]:
-    with psycopg.connect(dsn) as conn:
-        try:
-            rows = conn.execute(
-                f"SELECT series, (extract(epoch FROM time) * 1000)::bigint, value FROM {schema}.readings"
-            ).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
-    return [(r[0], int(r[1]), float(r[2])) for r in rows]
 
 
 def test_workers_killed_again_and_again_lose_and_double_nothing(
@@ -134,8 +122,8 @@ def test_workers_killed_again_and_again_lose_and_double_nothing(
 
         want = sorted((s, ts, v) for s, ts, v, _q in sent)
         dsn = ns["PLANTSTREAM_PG_DSN"]
-        wait_for(lambda: len(readings_table(dsn, ns["schema"])) >= len(want), 300, f"{len(want)} readings")
-        assert sorted(readings_table(dsn, ns["schema"])) == want  # exact, and the key forbids a second copy
+        wait_for(lambda: len(readings_rows(dsn, ns["schema"])) >= len(want), 300, f"{len(want)} readings")
+        assert sorted(readings_rows(dsn, ns["schema"])) == want  # exact, and the key forbids a second copy
         expected = expected_aggregates(sent)
         wait_for(lambda: len(agg_rows(dsn, ns["schema"])) >= len(expected), 180, f"{len(expected)} windows")
         assert compare(agg_rows(dsn, ns["schema"]), expected) == []
