@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from pipeline.core import codec
-from pipeline.core.records import dead_letter
+from pipeline.core.records import DeadLetter, dead_letter
 
 if TYPE_CHECKING:
     from pipeline.core.topology import Broker, KafkaRole
@@ -103,6 +103,9 @@ class Outbox:
         self._p = Producer(conf)
         self._error: KafkaError | None = None
         self.produced = 0
+        self.dead_letters = 0
+        # Whether a dead letter is already in the topic (sent before a crash): then it is not sent again.
+        self.already_sent: Callable[[DeadLetter], bool] | None = None
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None and self._error is None:
@@ -146,10 +149,15 @@ class Outbox:
         partition: int | None = None,
         offset: int | None = None,
         on_delivery: Delivered | None = None,
-    ) -> None:
-        """A DeadLetter record (schemas/dead-letter.json) for ``payload``, keyed by its source id."""
+    ) -> bool:
+        """A DeadLetter record (schemas/dead-letter.json) for ``payload``, keyed by its source id; False
+        when it was sent already (see ``already_sent``)."""
         dl = dead_letter(source, reason, payload, topic=topic, partition=partition, offset=offset)
+        if self.already_sent is not None and self.already_sent(dl):
+            return False
         self.produce(dlq_topic, (source or "unknown").encode(), codec.dumps(dl), on_delivery=on_delivery)
+        self.dead_letters += 1
+        return True
 
     def poll(self, timeout: float = 0.0) -> int:
         return int(self._p.poll(timeout))

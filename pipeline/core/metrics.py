@@ -353,10 +353,12 @@ class WorkerMetrics:
         if getattr(send, "counted", False):
             return
 
-        def dead_letter(dlq_topic: str, source: str, reason: str, payload: Any, **kw: Any) -> None:
-            key = (name, reason_kind(reason))
-            dlq[key] = dlq.get(key, 0) + 1
-            send(dlq_topic, source, reason, payload, **kw)
+        def dead_letter(dlq_topic: str, source: str, reason: str, payload: Any, **kw: Any) -> bool:
+            sent = send(dlq_topic, source, reason, payload, **kw)
+            if sent:  # not one already sent before a crash
+                key = (name, reason_kind(reason))
+                dlq[key] = dlq.get(key, 0) + 1
+            return sent
 
         dead_letter.counted = True  # type: ignore[attr-defined]
         # An instance attribute in front of the method: no change to the Outbox or to the steps.

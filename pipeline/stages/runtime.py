@@ -33,6 +33,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.core.kafka import Connection, Outbox, connection_conf
+from pipeline.stages.deadletters import Ledger, Marks, decode_mark, read_sent
 
 log = logging.getLogger("plantstream.worker")
 
@@ -97,8 +98,10 @@ class Stage(threading.Thread):
         batch_wait: float = 0.1,
         tick_interval: float = 0.25,
         consumer_conf: dict[str, Any] | None = None,
+        dlq_topic: str | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
+        self.bootstrap = bootstrap
         self.group, self.topic, self.step, self.fatal = group, topic, step, fatal
         self.checkpoint_interval = checkpoint_interval
         self.batch_size, self.batch_wait, self.tick_interval = batch_size, batch_wait, tick_interval
@@ -142,6 +145,13 @@ class Stage(threading.Thread):
         self.blind = False
         self.broker_back_at = 0.0
         self._probed = 0.0
+        # Dead letters sent once across a crash: commits carry the dead-letter topic's end offsets (marks)
+        # and a new owner skips what its predecessor sent after the last commit (see deadletters.py).
+        self.dlq_topic = dlq_topic
+        self.ledger = Ledger(topic)
+        self.marks = Marks(self.consumer, dlq_topic) if dlq_topic else None
+        if dlq_topic:
+            self.outbox.already_sent = self.ledger.take
         step.stage = self
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -278,6 +288,10 @@ class Stage(threading.Thread):
             if pos is not None and pos != self.committed.get(p):
                 offsets.append(TopicPartition(self.topic, p, pos))
                 self.committed[p] = pos
+        if offsets and self.marks is not None:
+            mark = self.marks.take(self.outbox.dead_letters)
+            for tp in offsets:
+                tp.metadata = mark
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
 
@@ -347,6 +361,7 @@ class Stage(threading.Thread):
 
     # -- rebalance callbacks (called inside consume(), on this thread) ---------------------------------
     def _forget(self, partitions: list[int]) -> None:
+        self.ledger.forget(partitions)
         for p in partitions:
             self.owned.discard(p)
             for d in (self.position, self.committed, self.last_data, self.last_checkpoint):
@@ -364,12 +379,54 @@ class Stage(threading.Thread):
                 self.last_data[p] = now
             # Where the input resumes: a partition the previous owner read to its end gives this member no
             # message, so without it the partition would look behind for good and hold its idle closes.
-            for tp in self.consumer.committed(list(partitions), timeout=30):
+            committed = self.consumer.committed(list(partitions), timeout=30)
+            for tp in committed:
                 if tp.offset >= 0:
                     self.position[tp.partition] = self.committed[tp.partition] = tp.offset
+            if self.marks is not None:
+                self._read_sent(committed)
             log.info("%s: assigned input partitions %s", self.name, ps)
         except Exception as exc:
             self.fatal(f"stage {self.name}: loading the state of assigned partitions failed", exc)
+
+    def _read_sent(self, committed: list[TopicPartition]) -> None:
+        """Learn which dead letters the previous owners sent for input past the committed offsets."""
+        assert self.marks is not None and self.dlq_topic is not None
+        fresh = [tp.partition for tp in committed if tp.offset < 0]
+        if fresh:
+            # Nothing committed yet: commit where reading starts, with a mark, before reading anything, so
+            # that a crash before the first checkpoint is covered like any other.
+            mark = self.marks.take(self.outbox.dead_letters)
+            starts = []
+            for p in fresh:
+                low, _high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=10, cached=False
+                )
+                starts.append(TopicPartition(self.topic, p, max(low, 0), metadata=mark))
+            self.consumer.commit(offsets=starts, asynchronous=False)
+            for tp in starts:
+                self.position[tp.partition] = self.committed[tp.partition] = tp.offset
+        dlq_starts: dict[int, int] = {}
+        past: dict[int, int] = {}
+        for tp in committed:
+            ends = decode_mark(tp.metadata) if tp.offset >= 0 else None
+            if ends is None:
+                continue  # nothing committed (above), or a commit without a mark: nothing to learn
+            past[tp.partition] = tp.offset
+            for q, o in ends.items():
+                dlq_starts[q] = min(o, dlq_starts.get(q, o))
+        if not past:
+            return
+        for q in self.marks.partitions():
+            dlq_starts.setdefault(q, -1)  # added to the topic after the mark: all of it
+        read = read_sent(self.bootstrap, self.group, self.dlq_topic, dlq_starts, self.ledger, past)
+        if self.ledger.sent:
+            log.info(
+                "%s: %d dead letter(s) already sent after the last commit (of %d read): not sent again",
+                self.name,
+                sum(self.ledger.sent.values()),
+                read,
+            )
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:

@@ -77,8 +77,11 @@ class FakeOutbox:
         self.sent: list[str] = []
         self.produced = 0
 
-    def dead_letter(self, dlq_topic: str, source: str, reason: str, payload: Any, **kw: Any) -> None:
+    def dead_letter(self, dlq_topic: str, source: str, reason: str, payload: Any, **kw: Any) -> bool:
+        if reason.startswith("sent before"):  # one a predecessor sent already: not sent again
+            return False
         self.sent.append(reason)
+        return True
 
 
 @dataclass
@@ -165,6 +168,7 @@ def test_worker_collectors_read_counters_lag_checkpoints_and_sinks():
         agg.outbox.dead_letter("dlq", "s", "late: window ending 1 already closed", b"")
         agg.outbox.dead_letter("dlq", "s", "invalid: bad", b"")
         agg.outbox.dead_letter("dlq", "s", "late: again", b"")
+        agg.outbox.dead_letter("dlq", "s", "sent before: not counted", b"")
         assert agg.outbox.sent == [  # still sent, only counted on the way
             "late: window ending 1 already closed",
             "invalid: bad",
