@@ -290,8 +290,7 @@ class Stage(threading.Thread):
                 self.committed[p] = pos
         if offsets and self.marks is not None:
             mark = self.marks.take(self.outbox.dead_letters)
-            for tp in offsets:
-                tp.metadata = mark
+            offsets = [TopicPartition(tp.topic, tp.partition, tp.offset, metadata=mark) for tp in offsets]
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
 

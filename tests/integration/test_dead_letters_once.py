@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
+from confluent_kafka import Consumer, TopicPartition
 
 from connectors.common.producer import TelemetryProducer
+from pipeline.stages.deadletters import decode_mark
 from pipeline.topology import validate_data
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import read_dlq
@@ -98,6 +100,15 @@ def test_dead_letters_are_not_sent_again_after_a_crash(namespace: dict[str, str]
 
         # 2. After a clean stop (a commit with a mark), a crash.
         terminate(w)
+        assert w.returncode == 0, (tmp_path / "worker2.log").read_text()[-3000:]
+        reader = Consumer(
+            {"bootstrap.servers": ns["PLANTSTREAM_KAFKA"], "group.id": f"dlq-{ns['tag']}-aggregate"}
+        )
+        try:
+            last = reader.committed([TopicPartition(t.raw_topic, 0)], timeout=10)[0]
+        finally:
+            reader.close()
+        assert last.offset == 6 and decode_mark(last.metadata) is not None, last
         w = worker(3)
         send_bad(4)
         dead_letters(10)
