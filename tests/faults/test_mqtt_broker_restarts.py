@@ -9,24 +9,20 @@ worker drops identical repeats), and nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from pipeline.topology import load
 from tests.conftest import wait_for
 from tests.faults.conftest import length
-from tests.faults.services import Private, child_env, deploy, private, spawn, terminate
+from tests.faults.services import Private, Publisher, child_env, deploy, private, spawn, terminate
 from tests.integration.readback import Topics
 
 pytestmark = pytest.mark.integration
@@ -36,49 +32,6 @@ pytestmark = pytest.mark.integration
 def mosquitto(tmp_path: Path) -> Iterator[Private]:
     with private(tmp_path / "services", "mosquitto") as svc:
         yield svc
-
-
-class Publisher:
-    """QoS 1, 40 messages a second, each a reading with its own timestamp. A message counts as accepted
-    once the broker acknowledged it; one that was not is published again (after a reconnect)."""
-
-    def __init__(self, url: str, root: str) -> None:
-        host, _, port = url.removeprefix("mqtt://").partition(":")
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{root}", clean_session=False)
-        self.c.reconnect_delay_set(0.2, 2)
-        self.c.connect(host, int(port))
-        self.c.loop_start()
-        self.root = root
-        self.accepted: set[tuple[str, int]] = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _send(self, topic: str, payload: str) -> None:
-        while not self.stop.is_set():
-            info = self.c.publish(topic, payload, 1)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                with contextlib.suppress(RuntimeError, ValueError):  # not connected: publish again
-                    info.wait_for_publish(3)
-                if info.is_published():
-                    return
-            time.sleep(0.2)  # not connected or not acknowledged: publish it again
-
-    def _run(self) -> None:
-        ts = int(time.time() * 1000) - 60_000
-        while not self.stop.is_set():
-            for dev in range(4):
-                ts += 1
-                self._send(f"{self.root}/site/dev{dev}/temp", f'{{"value": {ts % 1000}, "ts": {ts}}}')
-                if not self.stop.is_set():
-                    self.accepted.add((f"site/dev{dev}/temp", ts))
-            self.stop.wait(0.1)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 def test_broker_restarts_and_a_connector_kill_lose_nothing(
