@@ -23,6 +23,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/faults/" in str(item.fspath):
             item.add_marker(pytest.mark.faults)
+            if FULL:  # ten-minute faults, then the catch-up: past the suite's 10-minute bound per test
+                item.add_marker(pytest.mark.timeout(45 * 60))
 
 
 @pytest.fixture
