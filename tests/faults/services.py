@@ -26,6 +26,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
+import yaml
 from asyncua import ua
 from asyncua.common.node import Node
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -35,6 +36,7 @@ from connectors.common.spool import scan
 from connectors.sim.opcua_plant import PlantOptions, PlantServer
 from pipeline.core import codec
 from pipeline.core.records import now_ms, validate_batch
+from pipeline.topology import Topology, validate_data
 from tests.conftest import wait_for
 
 Key = tuple[str, int]  # (site/device/point, ts ms)
@@ -133,6 +135,27 @@ def deploy(topo_file: Path, env: dict[str, str]) -> None:
 
 
 # -- what the scenarios share ------------------------------------------------------------------------
+
+
+def deployed(topo: dict[str, Any], tmp_path: Path, env: dict[str, str]) -> tuple[Path, Topology]:
+    """``topo`` written to a file in ``tmp_path`` and deployed; the file and its validated topology."""
+    topo_file = tmp_path / "topology.yaml"
+    topo_file.write_text(yaml.safe_dump(topo))
+    deploy(topo_file, env)
+    return topo_file, validate_data(topo)
+
+
+def kill_halfway(kafka: Private, proc: subprocess.Popen[bytes], outage: float) -> tuple[int, int, float]:
+    """Kafka stopped, and ``proc`` SIGKILLed halfway through the ``outage``: (stopped at, killed at) in
+    epoch ms, and the monotonic time the outage ends."""
+    kafka.down("kafka")
+    down = now_ms()
+    ends = time.monotonic() + outage
+    time.sleep(outage / 2)  # the outage itself, half of it before the kill
+    killed = now_ms()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    return down, killed, ends
 
 
 def spooled_values(d: Path) -> dict[Key, float]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -63,6 +62,7 @@ from tests.faults.services import (
     Publisher,
     child_env,
     deploy,
+    kill_halfway,
     raw_keys,
     read_to_end,
     readings_table,
@@ -251,14 +251,8 @@ def test_three_sources_through_a_kafka_outage_and_a_kill_reach_the_tables(
 
         wait_for(every_series_in_table, 90, "every series of the three sources in readings before the outage")
 
-        kafka.down("kafka")
-        down = now_ms()
         outage = length(20, 600)
-        ends = time.monotonic() + outage
-        time.sleep(outage / 2)  # the outage itself, half of it before the kill
-        killed = now_ms()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        down, killed, ends = kill_halfway(kafka, proc, outage)
         at_kill = {s: spooled_values(d) for s, d in spools.items()}
         # Every poll of the BACnet units and every value the plant wrote during the outage until the kill
         # was in the first connector's spool; the MQTT source acknowledged messages from its spool.

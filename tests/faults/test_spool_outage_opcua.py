@@ -12,7 +12,6 @@ the default timeout is 5 minutes.)
 
 from __future__ import annotations
 
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from pipeline.core.records import now_ms
 from pipeline.topology import load
 from tests.conftest import wait_for
 from tests.faults.conftest import FULL, length
-from tests.faults.services import Key, Plant, Private, child_env, deploy, spawn, terminate
+from tests.faults.services import Key, Plant, Private, child_env, deploy, kill_halfway, spawn, terminate
 from tests.integration.readback import Topics
 
 # make faults only: make test keeps to the scenarios that must not lose anything.
@@ -72,14 +71,8 @@ def test_without_a_spool_a_kill_during_a_kafka_outage_loses_readings(kafka: Priv
         wait_for(lambda: "subscribed to 4 node(s)" in logs[0].read_text(), 60, "the connector subscribed")
         wait_for(lambda: len(in_raw(topics)) >= 20, 60, "readings in Kafka before the outage")
 
-        kafka.down("kafka")
-        down = now_ms()
         outage = length(12, 600)
-        ends = time.monotonic() + outage
-        time.sleep(outage / 2)  # the outage itself, half of it before the kill
-        killed = now_ms()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        down, killed, ends = kill_halfway(kafka, proc, outage)
         accepted = plant.written(down + MARGIN_MS, killed - MARGIN_MS)
         assert len(accepted) >= 4 * 5 * (outage / 2 - 4) * 0.8  # four series at 5 Hz, give or take
 

@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from connectors.common.producer import TelemetryProducer
 from pipeline.core import codec
-from pipeline.topology import validate_data
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import agg_rows, read_dlq, stop
 from tests.faults.conftest import FULL, length
-from tests.faults.services import child_env, deploy, readings_rows, spawn
+from tests.faults.services import child_env, deployed, readings_rows, spawn
 from tests.reference import compare, expected_aggregates
 
 pytestmark = pytest.mark.integration
@@ -51,11 +49,8 @@ def test_workers_killed_again_and_again_lose_and_double_nothing(
              "timescaledb": "off", "topics": ["agg_1m", "readings"], "batch_delay": "200ms"}
         ],
     }  # fmt: skip
-    topo_file = tmp_path / "topology.yaml"
-    topo_file.write_text(yaml.safe_dump(topo))
     env = child_env()
-    deploy(topo_file, env)
-    t = validate_data(topo)
+    topo_file, t = deployed(topo, tmp_path, env)
     producer = TelemetryProducer(ns["PLANTSTREAM_KAFKA"], t.raw_topic, t.dlq_topic)
     app = f"kills-{ns['tag']}"
 

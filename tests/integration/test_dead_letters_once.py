@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from connectors.common.producer import TelemetryProducer
 from pipeline.stages.deadletters import decode_mark
-from pipeline.topology import validate_data
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import read_dlq
-from tests.faults.services import child_env, deploy, spawn, terminate
+from tests.faults.services import child_env, deployed, spawn, terminate
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +33,8 @@ def test_dead_letters_are_not_sent_again_after_a_crash(namespace: dict[str, str]
         "aggregates": {"checkpoint_interval": "60s"},
         "sinks": [],
     }
-    topo_file = tmp_path / "topology.yaml"
-    topo_file.write_text(yaml.safe_dump(topo))
     env = child_env()
-    deploy(topo_file, env)
-    t = validate_data(topo)
+    topo_file, t = deployed(topo, tmp_path, env)
     producer = TelemetryProducer(ns["PLANTSTREAM_KAFKA"], t.raw_topic, t.dlq_topic)
     sent_bad = 0
 
