@@ -44,9 +44,9 @@ test-integration: services-up
 test-e2e: services-up
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
-## faults: the fault-injection suite at full length (ten-minute outages; about an hour); `make test` runs it short
+## faults: the fault-injection suite at full length (ten-minute outages; about an hour), with the attack and crash tests; `make test` runs it short
 faults: services-up
-	PLANTSTREAM_FAULTS=full $(PY) -m pytest tests/faults -v -p no:cacheprovider $(PYTEST_ARGS)
+	PLANTSTREAM_FAULTS=full $(PY) -m pytest tests -m faults -v -p no:cacheprovider --durations=30 $(PYTEST_ARGS)
 
 ## demo: services, the demo topology, simulator + connector + worker, and a live table of aggregates
 demo: services-up

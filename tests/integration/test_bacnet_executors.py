@@ -32,7 +32,7 @@ from pipeline.deploy import ensure_topics
 from pipeline.topology import Topology, validate_data
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]  # also in make faults
 
 # Freely writable analog values of the simulated unit, keyed to both command partitions.
 POINTS = {

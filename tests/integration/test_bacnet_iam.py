@@ -22,7 +22,7 @@ from tests.conftest import wait_for
 from tests.integration.readback import Topics
 from tests.integration.test_bacnet import Running, make_topology
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]  # also in make faults
 
 
 def i_am(instance: int, vendor: int = 999) -> bytes:

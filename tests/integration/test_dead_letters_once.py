@@ -20,7 +20,7 @@ from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import read_dlq
 from tests.faults.services import child_env, deployed, spawn, terminate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]  # also in make faults
 
 
 def test_dead_letters_are_not_sent_again_after_a_crash(namespace: dict[str, str], tmp_path: Path) -> None:

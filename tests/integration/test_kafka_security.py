@@ -29,7 +29,7 @@ from pipeline.worker import build_worker
 from tests.integration.test_event_time import complete, minute_now, send, series_of
 from tests.reference import compare, expected_aggregates
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]  # also in make faults
 
 PLANTSTREAM = str(Path(sys.executable).with_name("plantstream"))
 

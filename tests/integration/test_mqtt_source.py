@@ -450,6 +450,7 @@ class RawClient:
         self.sock.close()
 
 
+@pytest.mark.faults  # also in make faults
 @pytest.mark.parametrize("level", [wire.V311, wire.V5], ids=["mqtt311", "mqtt5"])
 def test_a_3_mb_message_and_malformed_bytes_leave_the_source_running(namespace, topo, level):
     """A publisher sends 3 MB (over the 1 MiB max_packet_size) to the real Mosquitto, whose own
@@ -497,6 +498,7 @@ def test_a_3_mb_message_and_malformed_bytes_leave_the_source_running(namespace, 
     assert redelivered(namespace) == []
 
 
+@pytest.mark.faults  # also in make faults
 def test_a_message_too_large_for_kafka_is_dead_lettered_and_acknowledged(namespace, topo):
     """Under max_packet_size (raised to 8 MiB here) but 150,000 points: its batch would be ~10 MB, more than
     the producer's message.max.bytes. Dead-lettered, acknowledged, and the source goes on."""

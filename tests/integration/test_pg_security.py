@@ -37,7 +37,7 @@ from tests.integration.test_event_time import minute_now, send, series_of
 from tests.integration.test_postgres_retention import partitions
 from tests.integration.test_postgres_sink import agg
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]  # also in make faults
 DAY = 86_400_000
 DENIED = psycopg.errors.InsufficientPrivilege
 

@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import wait_for
 from tests.e2e.test_mqtt_to_postgres import deploy_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]  # also in make faults
 
 
 def children(pid: int) -> dict[int, str]:
