@@ -430,6 +430,33 @@ def _run(
     return proc.stdout or ""
 
 
+def _make_certificates(service: str, d: Path, ca_file: Path, ca_name: str, names: str, log: Path) -> None:
+    """With openssl, in ``d``: a local CA (``ca_file``, its key ``ca.key``) named ``ca_name``, and a server
+    key and certificate signed by it (``server.key``, ``server.crt``) for ``names`` (subjectAltName)."""
+    if shutil.which("openssl") is None:
+        raise ServiceError(
+            f"{service}: no 'openssl' on PATH to make the TLS certificates; apt-get install openssl"
+        )
+    ca_key, key, csr, crt, ext = (
+        d / "ca.key",
+        d / "server.key",
+        d / "server.csr",
+        d / "server.crt",
+        d / "san.ext",
+    )
+    _write_text(ext, f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
+    new_ca = ["-out", str(ca_file), "-days", "3650", "-subj", f"/CN={ca_name}"]
+    sign = ["-CA", str(ca_file), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(crt), "-days", "3650"]
+    steps = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), *new_ca],
+        ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)],
+        ["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+        ["openssl", "x509", "-req", "-in", str(csr), *sign, "-extfile", str(ext)],
+    ]
+    for cmd in steps:
+        _run(service, "making the TLS certificates (openssl)", cmd, cwd=d, log_file=log, timeout=120)
+
+
 def _spawn(cmd: Sequence[str], *, cwd: Path, out_file: Path, env: dict[str, str] | None = None) -> int:
     """Start ``cmd`` fully detached (own session, re-parented away from us, stdin from /dev/null, stdout and
     stderr appended to ``out_file``) and return its pid."""
@@ -795,63 +822,13 @@ class _Kafka(_Service):
         """A local CA and a server certificate for 127.0.0.1 and localhost, made once with openssl."""
         if self.ca_file.exists() and self.keystore.exists():
             return
-        if shutil.which("openssl") is None:
-            raise ServiceError(
-                "kafka: no 'openssl' on PATH to make the SASL_SSL listener's certificates; "
-                "apt-get install openssl"
-            )
         progress(f"kafka: making a local CA and a server certificate in {self.tls_dir}")
         self.tls_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.tls_dir, 0o700)
-        log, d = self.dir / "tls.log", self.tls_dir
-        ca_key, key, csr, crt, ext = (
-            d / "ca.key",
-            d / "server.key",
-            d / "server.csr",
-            d / "server.crt",
-            d / "san.ext",
-        )
-        _write_text(ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-        steps = [
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                str(ca_key),
-                "-out",
-                str(self.ca_file),
-                "-days",
-                "3650",
-                "-subj",
-                "/CN=plantstream local CA",
-            ],
-            ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)],
-            ["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                str(csr),
-                "-CA",
-                str(self.ca_file),
-                "-CAkey",
-                str(ca_key),
-                "-CAcreateserial",
-                "-out",
-                str(crt),
-                "-days",
-                "3650",
-                "-extfile",
-                str(ext),
-            ],
-        ]
-        for cmd in steps:
-            _run("kafka", "making the TLS certificates (openssl)", cmd, cwd=d, log_file=log, timeout=120)
+        d = self.tls_dir
+        names = "IP:127.0.0.1,DNS:localhost"
+        _make_certificates("kafka", d, self.ca_file, "plantstream local CA", names, self.dir / "tls.log")
+        key, crt = d / "server.key", d / "server.crt"
         _write_text(self.keystore, key.read_text() + crt.read_text(), mode=0o600)
 
     def config_files(self) -> dict[Path, str]:
@@ -1172,55 +1149,11 @@ local    replication  all                    trust
         key readable by the server's OS user only, as PostgreSQL requires."""
         d, crt, key = self.tls_dir, self.tls_dir / "server.crt", self.tls_dir / "server.key"
         if not (self.ca_file.exists() and crt.exists() and key.exists()):
-            if shutil.which("openssl") is None:
-                raise self.error(
-                    "no 'openssl' on PATH to make the server certificate; apt-get install openssl"
-                )
             progress(f"postgres: making a local CA and a server certificate in {d}")
             d.mkdir(parents=True, exist_ok=True)
-            log, ca_key, csr, ext = self.dir / "tls.log", d / "ca.key", d / "server.csr", d / "san.ext"
-            _write_text(
-                ext, "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-            )
-            out_ca = [
-                "-out",
-                str(self.ca_file),
-                "-days",
-                "3650",
-                "-subj",
-                "/CN=plantstream local PostgreSQL CA",
-            ]
-            sign = ["-CAcreateserial", "-out", str(crt), "-days", "3650", "-extfile", str(ext)]
-            steps = [
-                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), *out_ca],
-                [
-                    "openssl",
-                    "genpkey",
-                    "-algorithm",
-                    "RSA",
-                    "-pkeyopt",
-                    "rsa_keygen_bits:2048",
-                    "-out",
-                    str(key),
-                ],
-                ["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
-                [
-                    "openssl",
-                    "x509",
-                    "-req",
-                    "-in",
-                    str(csr),
-                    "-CA",
-                    str(self.ca_file),
-                    "-CAkey",
-                    str(ca_key),
-                    *sign,
-                ],
-            ]
-            for cmd in steps:
-                _run(
-                    "postgres", "making the TLS certificates (openssl)", cmd, cwd=d, log_file=log, timeout=120
-                )
+            names = "IP:127.0.0.1,IP:::1,DNS:localhost"
+            ca_name = "plantstream local PostgreSQL CA"
+            _make_certificates("postgres", d, self.ca_file, ca_name, names, self.dir / "tls.log")
         os.chmod(d, 0o755)  # clients read ca.crt; the keys are 0600
         for path, mode in ((key, 0o600), (d / "ca.key", 0o600), (crt, 0o644), (self.ca_file, 0o644)):
             if path.exists():
