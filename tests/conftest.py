@@ -30,6 +30,14 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two lanes under ``-n 2 --dist loadgroup`` (make test): the fault scenarios, which mostly wait on
+    private instances of the services, beside everything else, each lane in its own order."""
+    for item in items:
+        lane = "faults" if "tests/faults/" in str(item.fspath) else "main"
+        item.add_marker(pytest.mark.xdist_group(lane))
+
+
 @pytest.fixture(scope="session")
 def services_env() -> dict[str, str]:
     """Start (or reuse) the local Kafka, PostgreSQL and Mosquitto; returns their connection variables."""

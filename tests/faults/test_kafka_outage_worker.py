@@ -64,7 +64,7 @@ def test_the_worker_waits_out_a_kafka_outage_and_catches_up(
     readings.sort(key=lambda r: r[1])
     seconds = [[r for r in readings if r[1] == start + i * 1000] for i in range(8 * 60)]
     outage = length(12, 600)
-    pace = (outage + 30) / len(seconds)  # wall seconds per second of event time
+    pace = (outage + 18) / len(seconds)  # wall seconds per second of event time
     # No delivery timeout: what is produced during the outage waits in the queue, as a spool's sender does.
     t = validate_data(topo)
     producer = TelemetryProducer(bootstrap, t.raw_topic, t.dlq_topic, extra={"message.timeout.ms": 0})
