@@ -1,6 +1,7 @@
 """The InfluxDB sink on the real InfluxDB 1.x beside the PostgreSQL sink, from the same input: both equal
 pandas; a field-type conflict sends the refused points to the DLQ with the server's message; an outage
-(15 s; 60 s in make faults) loses nothing and doubles nothing, and no input is committed while InfluxDB is away."""
+(15 s; 60 s in make faults) loses nothing and doubles nothing, and no input is committed while InfluxDB is
+away."""
 
 from __future__ import annotations
 
