@@ -19,10 +19,10 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.core import codec
 from pipeline.core.kafka import Connection, connection_conf
@@ -33,6 +33,8 @@ log = logging.getLogger("plantstream.worker")
 # then starts near the end of the dead-letter topic, not far back in other stages' dead letters.
 MARK_MAX_AGE_S = 60.0
 SCAN_TIMEOUT_S = 60.0
+RETRY_S = 60.0
+T = TypeVar("T")
 
 Key = tuple[int, int, str]  # (input partition, offset, payload)
 
@@ -104,9 +106,11 @@ class Marks:
     def partitions(self) -> list[int]:
         md = self.consumer.list_topics(self.dlq_topic, timeout=10)
         t = md.topics.get(self.dlq_topic)
-        if t is None or t.error is not None:
+        if t is None or (t.error is not None and t.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
             # Not created yet: an empty mark, and any dead letter sent later is read from the start.
             return []
+        if t.error is not None:
+            raise KafkaException(t.error)
         return sorted(t.partitions)
 
     def ends(self) -> dict[int, int]:
@@ -125,9 +129,35 @@ class Marks:
         if self.current is None or sent != self._sent_then or now - self._taken_at >= MARK_MAX_AGE_S:
             # Asked only after this stage's dead letters were delivered (the checkpoint's flush), so each
             # one it sends after this commit lands past the mark.
-            self.current = encode_mark(self.ends())
+            try:
+                ends = self.ends() if self.current is not None else patiently(self.ends)
+            except KafkaException as exc:
+                if self.current is None:
+                    raise
+                # The broker busy with leadership (just back from an outage): an earlier mark is still a
+                # right place to start reading from, only a little further back. Asked again next time.
+                log.info(
+                    "the dead-letter topic's end offsets are not available (%s); the last mark stands", exc
+                )
+                return self.current
+            self.current = encode_mark(ends)
             self._taken_at, self._sent_then = now, sent
         return self.current
+
+
+def patiently(fn: Callable[[], T], timeout: float = RETRY_S) -> T:
+    """``fn()``, tried again while the broker answers with a passing error (a partition between leaders
+    after an outage), for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if (err is not None and err.fatal()) or time.monotonic() >= deadline:
+                raise
+            log.debug("the dead-letter topic: %s; trying again", exc)
+            time.sleep(0.5)
 
 
 def read_sent(

@@ -33,7 +33,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.core.kafka import Connection, Outbox, connection_conf
-from pipeline.stages.deadletters import Ledger, Marks, decode_mark, read_sent
+from pipeline.stages.deadletters import Ledger, Marks, decode_mark, patiently, read_sent
 
 log = logging.getLogger("plantstream.worker")
 
@@ -389,7 +389,17 @@ class Stage(threading.Thread):
             self.fatal(f"stage {self.name}: loading the state of assigned partitions failed", exc)
 
     def _read_sent(self, committed: list[TopicPartition]) -> None:
-        """Learn which dead letters the previous owners sent for input past the committed offsets."""
+        """Learn which dead letters the previous owners sent for input past the committed offsets (tried
+        again while the broker answers with passing errors, as right after an outage)."""
+        ps = [tp.partition for tp in committed]
+
+        def attempt() -> None:
+            self.ledger.forget(ps)  # a failed attempt may have learnt part of it
+            self._read_sent_once(committed)
+
+        patiently(attempt)
+
+    def _read_sent_once(self, committed: list[TopicPartition]) -> None:
         assert self.marks is not None and self.dlq_topic is not None
         fresh = [tp.partition for tp in committed if tp.offset < 0]
         if fresh:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
 from pipeline.core.records import dead_letter
-from pipeline.stages.deadletters import Ledger, decode_mark, encode_mark
+from pipeline.stages.deadletters import Ledger, Marks, decode_mark, encode_mark, patiently
 
 
 def test_a_mark_survives_the_commit_metadata_and_garbage_is_no_mark() -> None:
@@ -36,3 +42,37 @@ def test_a_revoked_partition_is_forgotten() -> None:
     ledger.add(dl, {1: 50})
     ledger.forget([1])
     assert not ledger.take(dl)
+
+
+class FlakyConsumer:
+    """Watermarks that fail ``failures`` times (a partition between leaders), then answer."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.high = failures, 5
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        part = SimpleNamespace(error=None, partitions={0: None, 1: None})
+        return SimpleNamespace(topics={topic: part})
+
+    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
+        return 0, self.high
+
+
+def test_a_mark_is_waited_for_once_and_later_an_earlier_one_stands(monkeypatch: Any) -> None:
+    monkeypatch.setattr("pipeline.stages.deadletters.time.sleep", lambda s: None)
+    c = FlakyConsumer(failures=3)
+    marks = Marks(c, "dlq")  # type: ignore[arg-type]
+    assert decode_mark(marks.take(0)) == {0: 5, 1: 5}  # the first mark: tried until it comes
+    c.failures, c.high = 1, 9
+    assert decode_mark(marks.take(1)) == {0: 5, 1: 5}  # a dead letter sent since, the broker busy
+    assert decode_mark(marks.take(1)) == {0: 9, 1: 9}  # asked again at the next commit
+
+
+def test_patiently_gives_up_after_its_time(monkeypatch: Any) -> None:
+    monkeypatch.setattr("pipeline.stages.deadletters.time.sleep", lambda s: None)
+    c = FlakyConsumer(failures=10**9)
+    with pytest.raises(KafkaException):
+        patiently(lambda: c.get_watermark_offsets(None, 1, False), timeout=0.05)
