@@ -32,10 +32,9 @@ services-status:
 	$(VENV)/bin/plantstream services status
 
 ## test: everything — unit, integration (real services), end to end, the fault scenarios short
-## (two lanes: the fault scenarios, which mostly wait on private services, beside the rest)
+## (two lanes, tests/lanes.sh: the fault scenarios, which mostly wait on private services, beside the rest)
 test: services-up
-	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/faults -q -p no:cacheprovider --durations=25 \
-		-n 2 --dist loadgroup $(PYTEST_ARGS)
+	PY=$(PY) tests/lanes.sh $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)

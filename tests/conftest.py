@@ -30,14 +30,6 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Two lanes under ``-n 2 --dist loadgroup`` (make test): the fault scenarios, which mostly wait on
-    private instances of the services, beside everything else, each lane in its own order."""
-    for item in items:
-        lane = "faults" if "tests/faults/" in str(item.fspath) else "main"
-        item.add_marker(pytest.mark.xdist_group(lane))
-
-
 @pytest.fixture(scope="session")
 def services_env() -> dict[str, str]:
     """Start (or reuse) the local Kafka, PostgreSQL and Mosquitto; returns their connection variables."""
@@ -65,6 +57,11 @@ def namespace(services_env: dict[str, str]) -> Iterator[dict[str, str]]:
     tag = uuid.uuid4().hex[:8]
     ns = {"tag": tag, "prefix": f"t{tag}.", "schema": f"t_{tag}", "mqtt_root": f"t{tag}", **services_env}
     yield ns
+    drop_schema(services_env["PLANTSTREAM_PG_DSN"], ns["schema"])
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    """A test schema dropped with its roles and tenancy objects."""
     import psycopg
 
     from connectors.timescale import tenancy
@@ -74,9 +71,9 @@ def namespace(services_env: dict[str, str]) -> Iterator[dict[str, str]]:
     deadline = time.monotonic() + 30
     while True:
         try:
-            with psycopg.connect(services_env["PLANTSTREAM_PG_DSN"], autocommit=True) as conn:
-                tenancy.drop(conn, ns["schema"])
-                conn.execute(f'DROP SCHEMA IF EXISTS "{ns["schema"]}" CASCADE')
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                tenancy.drop(conn, schema)
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             break
         except (psycopg.InternalError, psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
             if time.monotonic() > deadline:

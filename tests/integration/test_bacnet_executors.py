@@ -214,7 +214,7 @@ def test_two_executors_on_one_network_run_each_command_once(
             60,
             "a result for every command",
         )
-        wait_for(lambda: sum(writes_at_device(log).values()) >= 40, 10, "the writes in the device's log")
+        wait_for(lambda: sum(writes_at_device(log).values()) >= 40, 30, "the writes in the device's log")
     finally:
         if not stopped_a:
             a.close()

@@ -31,7 +31,7 @@ from connectors.timescale.schema import create_schema, timescale_status
 from pipeline.deploy import deploy
 from pipeline.topology import Topology, validate_data
 from pipeline.worker import build_worker
-from tests.conftest import wait_for
+from tests.conftest import drop_schema, wait_for
 from tests.e2e.test_mqtt_to_postgres import agg_rows
 from tests.integration.test_event_time import minute_now, send, series_of
 from tests.integration.test_postgres_retention import partitions
@@ -356,9 +356,8 @@ def test_tls_and_the_local_cluster_without_superuser(
 
     assert asyncio.run(go()) == (True, f"{ns['schema']}_writer")
     assert set(agg_rows(verified, ns["schema"])) == {("s/d/tls", now)}
-    with psycopg.connect(verified, autocommit=True) as conn:  # the teardown of a non-superuser owner
-        tenancy.drop(conn, ns["schema"])
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(ns["schema"])))
+    drop_schema(verified, ns["schema"])  # the teardown of a non-superuser owner
+    with psycopg.connect(verified, autocommit=True) as conn:
         gone = conn.execute(
             "SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (f"{ns['schema']}\\_%",)
         ).fetchone()
