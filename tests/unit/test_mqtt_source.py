@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import queue
+import select
 import shutil
 import socket
 import ssl
@@ -56,13 +57,24 @@ class Conn:
         self.subscribed = threading.Event()
         self.disconnected = False
         self.closed = threading.Event()
+        # A TLS socket must not be read and written at the same time (OpenSSL's state is not thread-safe:
+        # "bad record mac"): the serving thread reads and the test's thread writes under one lock.
+        self.lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
+
+    def _write(self, data: bytes) -> None:
+        with self.lock:
+            self.sock.sendall(data)
 
     def _serve(self) -> None:
         buf = b""
+        pending = getattr(self.sock, "pending", lambda: 0)
         try:
             while True:
-                data = self.sock.recv(65536)
+                if not pending() and not select.select([self.sock], [], [], 0.05)[0]:
+                    continue
+                with self.lock:
+                    data = self.sock.recv(65536)
                 if not data:
                     return
                 buf += data
@@ -70,7 +82,7 @@ class Conn:
                     (kind, _flags, body), used = first
                     buf = buf[used:]
                     self._handle(kind, body)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket closed meanwhile
             return
         finally:
             self.closed.set()
@@ -80,12 +92,12 @@ class Conn:
         if kind == wire.CONNECT:
             self.level, self.connect_body = body[6], body
             answer = self.broker.answer(self.level)
-            self.sock.sendall(answer)
+            self._write(answer)
             if answer[3] != 0:
                 self.sock.close()
         elif kind == wire.SUBSCRIBE:
             suback = body[:2] + (b"\x00" if self.level == 5 else b"") + b"\x01"  # granted QoS 1
-            self.sock.sendall(bytes([0x90, len(suback)]) + suback)
+            self._write(bytes([0x90, len(suback)]) + suback)
             self.subscribed.set()
             if self.broker.drop_after_suback:
                 self.close()
@@ -93,7 +105,7 @@ class Conn:
             self.pubacks.append(struct.unpack("!H", body[:2])[0])
         elif kind == wire.PINGREQ:
             if self.broker.answer_pings:
-                self.sock.sendall(b"\xd0\x00")
+                self._write(b"\xd0\x00")
         elif kind == wire.DISCONNECT:
             self.disconnected = True
             self.sock.shutdown(socket.SHUT_RDWR)  # as a broker does
@@ -104,10 +116,10 @@ class Conn:
         if self.level == 5:
             var += b"\x00"
         body = var + payload
-        self.sock.sendall(bytes([0x30 | qos << 1]) + wire.varint(len(body)) + body)
+        self._write(bytes([0x30 | qos << 1]) + wire.varint(len(body)) + body)
 
     def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self._write(data)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
